@@ -1,0 +1,202 @@
+"""The aggregator's round state on disk, so that a restart resumes where it stopped.
+
+Layout of the state directory::
+
+    state.json                         the current round: its announcement and phase
+    rounds/<R>/updates/<node>.msg      each accepted update, as the bytes that arrived
+    rounds/<R>/global.msg              the published global model message
+    rounds/<R>/global.estdp            the same model as a model file, for people
+
+Every file is written atomically (:mod:`estdp.atomic`): a crash leaves the old file or
+the new one, never half of one. An update is on disk before it counts, and the directory
+of updates *is* the list of received updates: there is no second list to disagree with
+it. Files are decoded again when loaded, so a damaged file is reported and skipped,
+never merged. ``state.json`` is rewritten when a round opens and when it is merged; a
+crash between the global model's publication and that rewrite only means the merge is
+done again after the restart, with the same updates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from estdp import protocol
+from estdp.atomic import atomic_write_bytes, atomic_write_text
+from estdp.errors import ConfigError, ProtocolError
+from estdp.model import SubModel, save_model
+from estdp.protocol import Limits, RoundAnnouncement, SubModelUpdate
+from estdp.topics import is_valid_id
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+PHASES = ("open", "merged")
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """The aggregator's current round."""
+
+    announcement: RoundAnnouncement
+    phase: str = "open"  # "open": collecting updates; "merged": global model published
+    contains: tuple[str, ...] = ()  # node ids in the published global model
+
+    @property
+    def round_id(self) -> int:
+        return self.announcement.round_id
+
+
+class AggregatorState:
+    """Round state kept in ``directory`` (created if missing).
+
+    Parameters
+    ----------
+    directory
+        The state directory.
+    limits
+        Decoding bounds for the stored updates.
+
+    Raises
+    ------
+    ConfigError
+        The directory cannot be created, or ``state.json`` is unreadable.
+    """
+
+    def __init__(self, directory: str | Path, limits: Limits = protocol.DEFAULT_LIMITS) -> None:
+        self.directory = Path(directory)
+        self.limits = limits
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the state directory {self.directory}: {exc}"
+            ) from None
+        self.current: RoundState | None = self._load()
+
+    # ---- paths ----------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / "state.json"
+
+    def round_dir(self, round_id: int) -> Path:
+        return self.directory / "rounds" / str(int(round_id))
+
+    def _updates_dir(self, round_id: int) -> Path:
+        return self.round_dir(round_id) / "updates"
+
+    # ---- state.json -----------------------------------------------------------------------
+
+    def _load(self) -> RoundState | None:
+        if not self.state_file.exists():
+            return None
+        try:
+            record = json.loads(self.state_file.read_text())
+            if record.get("version") != STATE_VERSION:
+                raise ValueError(f"unsupported state version {record.get('version')!r}")
+            phase = record["phase"]
+            if phase not in PHASES:
+                raise ValueError(f"unknown phase {phase!r}")
+            announcement = RoundAnnouncement(**record["announcement"])
+            contains = tuple(record.get("contains", ()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"cannot read the aggregator state {self.state_file}: {exc}"
+            ) from None
+        return RoundState(announcement, phase, contains)
+
+    def _save(self, state: RoundState) -> None:
+        record = {
+            "version": STATE_VERSION,
+            "phase": state.phase,
+            "announcement": asdict(state.announcement),
+            "contains": list(state.contains),
+        }
+        atomic_write_text(self.state_file, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        self.current = state
+
+    @property
+    def last_round_id(self) -> int:
+        """The id of the current (or last) round; 0 before the first."""
+        return self.current.round_id if self.current else 0
+
+    # ---- transitions ----------------------------------------------------------------------
+
+    def open_round(self, announcement: RoundAnnouncement) -> RoundState:
+        """Start ``announcement``'s round (its update directory is created empty)."""
+        self._updates_dir(announcement.round_id).mkdir(parents=True, exist_ok=True)
+        state = RoundState(announcement)
+        self._save(state)
+        return state
+
+    def add_update(self, node_id: str, payload: bytes) -> bool:
+        """Store an accepted update of the current round; False if ``node_id`` already
+        has one (the first one counts)."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        if not is_valid_id(node_id):
+            raise ConfigError(f"invalid node id {node_id!r}")
+        path = self._updates_dir(self.current.round_id) / f"{node_id}.msg"
+        if path.exists():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, payload)
+        return True
+
+    def received(self) -> list[str]:
+        """Node ids with an update stored for the current round, sorted."""
+        if self.current is None:
+            return []
+        directory = self._updates_dir(self.current.round_id)
+        if not directory.is_dir():
+            return []
+        return sorted(p.stem for p in directory.glob("*.msg") if is_valid_id(p.stem))
+
+    def load_updates(self) -> dict[str, SubModelUpdate]:
+        """The stored updates of the current round, decoded again; a damaged file is
+        logged and left out."""
+        out: dict[str, SubModelUpdate] = {}
+        if self.current is None:
+            return out
+        for node_id in self.received():
+            path = self._updates_dir(self.current.round_id) / f"{node_id}.msg"
+            try:
+                update = protocol.decode_update(path.read_bytes(), self.limits)
+            except (OSError, ProtocolError) as exc:
+                log.error("skipping the stored update %s: %s", path, exc)
+                continue
+            out[node_id] = update
+        return out
+
+    def mark_merged(
+        self, global_payload: bytes, model: SubModel, contains: tuple[str, ...]
+    ) -> None:
+        """Record the published global model of the current round."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        directory = self.round_dir(self.current.round_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / "global.msg", global_payload)
+        save_model(model, directory / "global.estdp")
+        self._save(RoundState(self.current.announcement, "merged", tuple(contains)))
+
+    def global_payload(self, round_id: int | None = None) -> bytes | None:
+        """The published global model message of a round (default: the current one)."""
+        rid = self.last_round_id if round_id is None else round_id
+        path = self.round_dir(rid) / "global.msg"
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
+
+    def summary(self) -> dict[str, Any]:
+        cur = self.current
+        return {
+            "round": cur.round_id if cur else 0,
+            "phase": cur.phase if cur else "none",
+            "received": self.received(),
+        }

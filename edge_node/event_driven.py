@@ -1,0 +1,582 @@
+"""Event-driven training of one presentation: the fast NumPy path.
+
+It computes exactly what :func:`edge_node.reference.run_image` computes (up to float64
+rounding, ~1e-12 mV), but it does not step through time. Its cost is set by the number of
+excitatory threshold crossings (about 25 per image), not by ``T x N``. The full argument
+is in docs/engine.md; the equations it rests on follow.
+
+Scaled potentials
+-----------------
+With ``u = v - v_rest`` and a neuron neither reset nor refractory in ``[a, t]``,
+``u[t] = d^(t-a+1) u[a-1] + sum_{s=a..t} d^(t-s) J[s]`` (``J``: its input). Multiplying
+by ``d^-t`` removes the leak: ``U[t] = d^-t u[t] = U[a-1] + sum_{s=a..t} d^-s J[s]``, a
+plain cumulative sum. The threshold becomes ``Th[t] = d^-t (c + theta[t])`` with
+``c = v_thresh - v_rest`` and ``theta[t] = theta' g^(t+1)``; a reset at ``t_r`` adds
+``theta_plus g^-(t_r+1)`` to ``theta'`` and sets ``U[t_r] = d^-t_r (v_reset - v_rest)``,
+which stays constant while the neuron is refractory (pure leak).
+
+Inhibition
+----------
+A spike at ``t`` inhibits every other neuron at ``t + 2``. Its own neuron is refractory
+then (refractory period >= 2), so every neuron that integrates at all receives the same
+inhibition: ``H[t] = inh_strength * sum_{tau <= t} d^-tau n_spikes[tau - 2]``, common to
+the whole layer.
+
+Neurons whose weights have not changed in this image
+----------------------------------------------------
+Only the column of a neuron that spiked in this image changes (its post-synaptic trace is
+zero otherwise, so neither depression nor potentiation touches it). For every other
+neuron, with ``Z[t] = sum_{s<=t} d^-s S[s-1]`` (the scaled cumulative input) and
+``M[t] = Z[t] @ W``, ``U[t] = M[t] - H[t] + off`` once it is out of refractoriness, with
+``off = 0`` for a neuron never reset and
+``off = d^-t_r u_reset - M[t_g - 1] + H[t_g - 1]`` for one last reset at ``t_r`` whose
+input is gated until ``t_g = t_r + refrac + 1``. ``Z`` grows with ``t`` and ``W >= 0``,
+so ``M`` at the end of a block of 8 steps bounds ``M`` over the block; one small product
+``Z[block ends] @ W`` (float32, with a relative safety factor) rules most neurons out of
+most blocks, and only the remaining candidates are evaluated exactly (float64).
+
+Neurons that spiked ("dirty")
+-----------------------------
+After its last spike ``t_p`` the post-synaptic trace of neuron j is ``lam^(s - t_p)``, so
+its weight from pixel k after step ``s`` is
+``w_k(s) = max(w_min, w_k(t_p) - nu_pre lam^-t_p sum_{t_p < s' <= s} lam^s' S_k[s'])``
+(depression only decreases it, so clipping at ``w_max`` is idle and clipping at
+``w_min`` once is the same as clipping every step). Its input over a look-ahead window
+is evaluated exactly from these weights.
+
+The loop
+--------
+From step ``a``, evaluate a window ``[a, e]`` (32 steps, doubling to 64 while nothing
+happens) for the dirty neurons and the candidates. Each crossing in it is an event,
+handled in time order: reset every neuron above threshold, pick the one that spikes,
+apply its STDP (potentiation by the input traces, depression by the input spikes of that
+step), patch the rest of the window (its new input, gating, the inhibition at ``t + 2``)
+and scan on. A crossing of a non-dirty neuron ends the window; the next starts after it.
+
+float64 is used for everything that decides a threshold crossing; float32 only for the
+conservative bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from edge_node.encoding import Presentation
+from edge_node.network import decays, pick_winner
+from estdp.params import NetworkParams
+
+BLOCK = 8  # steps per block of the coarse bounds
+WINDOW = 32  # look-ahead after an event, in steps
+MAX_WINDOW = 64  # look-ahead cap while nothing happens
+CHUNK = 32  # rows of exact potentials computed at once for candidates
+_SAFETY = 1e-3  # relative slack on float32 bounds: > (T + blocks + K) * 2**-24, with room
+_MARGIN = 1e-6  # absolute slack (scaled mV) on bounds against float64 rounding
+
+
+class Tables(NamedTuple):
+    """Per-parameter-set constants of the event-driven path (see :func:`tables`)."""
+
+    steps: int
+    c: float  # v_thresh - v_rest
+    u_reset: float  # v_reset - v_rest
+    dneg: np.ndarray  # (T+2,) d^-t
+    cdneg: np.ndarray  # (T,) c d^-t
+    rth: np.ndarray  # (T,) g^(t+1) d^-t: theta' -> scaled threshold offset
+    lampow: np.ndarray  # (T+1,) lam^t
+    laminv: np.ndarray  # (T,) lam^-t
+    ginv: np.ndarray  # (T,) g^-(t+1)
+    g_total: float  # g^T
+    hstep: np.ndarray  # (T+2,) inh_strength d^-t, inhibition landing at t
+    blocks: np.ndarray  # (nb, T) float32, row b sums d^-s Ss[s] over block b
+    block_start_rth: np.ndarray  # (nb,) rth at block starts
+    block_end_rth: np.ndarray  # (nb,) rth at block ends
+    block_cdneg: np.ndarray  # (nb,) cdneg at block starts
+    tri: np.ndarray  # (MAX_WINDOW+1,)*2 lower-triangular ones, diagonal included
+    tri_strict: np.ndarray  # (MAX_WINDOW+1,)*2 strictly lower-triangular ones
+
+
+def tables(params: NetworkParams) -> Tables:
+    """Precompute the constants of the event-driven path for ``params``."""
+    dec = decays(params)
+    steps = params.time_steps
+    t = np.arange(steps + 2, dtype=np.float64)
+    dneg = np.exp(t * (params.dt / params.tc_v))
+    c = params.v_thresh - params.v_rest
+    rth = np.exp((t[:steps] + 1) * math.log(dec.theta)) * dneg[:steps]
+    n_blocks = -(-steps // BLOCK)
+    blocks = np.zeros((n_blocks, steps), dtype=np.float32)
+    rows = np.arange(steps)
+    blocks[rows // BLOCK, rows] = dneg[:steps]
+    starts = np.arange(n_blocks) * BLOCK
+    ends = np.minimum(starts + BLOCK - 1, steps - 1)
+    size = MAX_WINDOW + 2
+    return Tables(
+        steps=steps,
+        c=c,
+        u_reset=params.v_reset - params.v_rest,
+        dneg=dneg,
+        cdneg=c * dneg[:steps],
+        rth=rth,
+        lampow=np.exp(-t[: steps + 1] * (params.dt / params.tc_trace)),
+        laminv=np.exp(t[:steps] * (params.dt / params.tc_trace)),
+        ginv=np.exp(-(t[:steps] + 1) * math.log(dec.theta)),
+        g_total=dec.theta**steps,
+        hstep=params.inh_strength * dneg,
+        blocks=blocks,
+        block_start_rth=rth[starts],
+        block_end_rth=rth[ends],
+        block_cdneg=c * dneg[starts],
+        tri=np.tril(np.ones((size, size))),
+        tri_strict=np.tril(np.ones((size, size)), -1),
+    )
+
+
+def supported(params: NetworkParams, thetas: np.ndarray) -> bool:
+    """Whether the event-driven path is exact for these parameters and thresholds.
+
+    It needs: a refractory period of at least 2 steps (a neuron never receives its own
+    inhibition), non-negative inhibition and weights (potentials bounded by the block
+    ends), and a reset potential below every threshold (no crossing while refractory).
+    """
+    c = params.v_thresh - params.v_rest
+    lowest = c + min(0.0, float(np.min(thetas))) if thetas.size else c
+    return (
+        params.refrac >= 2
+        and params.inh_strength >= 0.0
+        and params.w_min >= 0.0
+        and lowest > max(params.v_reset - params.v_rest, 0.0)
+    )
+
+
+class _Dirty:
+    """The neurons that spiked in this presentation; their columns are followed exactly.
+
+    Row ``i`` of each array is neuron ``index[i]``; the arrays are views of buffers that
+    grow on demand. Between windows they hold the state after step ``a - 1``.
+    """
+
+    def __init__(self, k: int, capacity: int = 8) -> None:
+        self.index: list[int] = []  # neuron ids
+        self.gate: list[int] = []  # first step whose input is not gated
+        self._weights = np.zeros((capacity, k))
+        self._scalars = np.zeros((3, capacity))
+        self._view(0)
+
+    def _view(self, n: int) -> None:
+        self.wlin = self._weights[:n]  # (nd, K) weights before the w_min clip
+        self.rate = self._scalars[0, :n]  # nu_pre lam^-t_p: depression per unit of lam^s S[s]
+        self.u = self._scalars[1, :n]  # scaled potentials
+        self.theta = self._scalars[2, :n]  # theta' (mirror of the layer's array)
+
+    def add(self, j: int, w: np.ndarray, rate: float, u: float, theta: float, gate: int) -> None:
+        n = len(self.index)
+        if n == self._weights.shape[0]:
+            self._weights = np.concatenate((self._weights, np.zeros_like(self._weights)))
+            self._scalars = np.concatenate((self._scalars, np.zeros_like(self._scalars)), axis=1)
+        self._weights[n] = w
+        self._scalars[:, n] = (rate, u, theta)
+        self.index.append(j)
+        self.gate.append(gate)
+        self._view(n + 1)
+
+
+class _Bounds:
+    """Block bounds of the neurons whose columns are unchanged (see module docstring).
+
+    ``lead[j, b]`` bounds ``U_j[t] - Th_j[t] + H[t]`` over block ``b``; neuron j can
+    cross in block ``b`` only if ``lead[j, b] >= H`` at the start of the range looked at.
+    ``-inf`` marks a dirty neuron, or a reset one whose offset is not known yet.
+    """
+
+    def __init__(self, m_blocks: np.ndarray, theta_p: np.ndarray, tab: Tables) -> None:
+        self.tab = tab
+        self.m_lead = m_blocks.T - tab.block_cdneg  # (N, nb)
+        self.lead = self.m_lead - self._theta_low(theta_p)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.best = self.lead.max(axis=0)
+        self.best_after = np.maximum.accumulate(self.best[::-1])[::-1]  # max over b' >= b
+
+    def _theta_low(self, theta_p: np.ndarray) -> np.ndarray:
+        low = np.multiply.outer(theta_p, self.tab.block_start_rth)
+        if theta_p.size and theta_p.min() < 0.0:  # a negative theta grows towards 0
+            low = np.minimum(low, np.multiply.outer(theta_p, self.tab.block_end_rth))
+        return low
+
+    def drop(self, cols: list[int]) -> None:
+        """Stop bounding ``cols`` (now dirty, or reset with an offset still unknown)."""
+        self.lead[cols] = -np.inf
+        self._refresh()
+
+    def update(self, cols: list[int], off: np.ndarray, theta_p: np.ndarray) -> None:
+        lead = self.m_lead[cols] - self._theta_low(theta_p[cols])
+        lead += off[cols, None]
+        self.lead[cols] = lead
+        self._refresh()
+
+    def can_cross(self, b0: int, b1: int, h: float) -> bool:
+        limit = h - _MARGIN
+        return self.best_after[b0] >= limit and self.best[b0 : b1 + 1].max() >= limit
+
+    def candidates(self, b0: int, b1: int, h: float) -> np.ndarray:
+        return np.flatnonzero((self.lead[:, b0 : b1 + 1] >= h - _MARGIN).any(axis=1))
+
+
+class _Inputs:
+    """Per-presentation input arrays shared by the helpers of :func:`present`."""
+
+    def __init__(self, presentation: Presentation, weights: np.ndarray, tab: Tables) -> None:
+        steps = tab.steps
+        self.tab = tab
+        self.active = presentation.active
+        self.weights = weights
+        k = self.active.size
+        # shifted[t] = S[t-1], the input spikes that drive step t (zero rows of padding).
+        self.shifted = np.zeros((steps + 2, k))
+        self.shifted[1 : steps + 1] = presentation.spikes
+        self._w_active: np.ndarray | None = None
+        self._chunks: dict[int, np.ndarray] = {}
+
+    @property
+    def w_active(self) -> np.ndarray:
+        """(K, N) float64 weights of the active pixels at the start of the presentation."""
+        if self._w_active is None:
+            self._w_active = self.weights[self.active]
+        return self._w_active
+
+    def z(self, t: int) -> np.ndarray:
+        """Exact ``Z[t] = sum_{s<=t} d^-s S[s-1]`` (K,)."""
+        return self.tab.dneg[: t + 1] @ self.shifted[: t + 1]
+
+    def m_rows(self, a: int, end: int) -> np.ndarray:
+        """Exact ``M[a..end]`` (rows, N) for the start-of-presentation weights.
+
+        ``a`` and ``end`` must lie in one chunk of ``CHUNK`` steps; chunks are cached.
+        """
+        c = a // CHUNK
+        rows = self._chunks.get(c)
+        if rows is None:
+            lo = c * CHUNK
+            hi = min(lo + CHUNK, self.tab.steps)
+            tri = self.tab.tri[: hi - lo, : hi - lo] * self.tab.dneg[lo:hi]
+            z = tri @ self.shifted[lo:hi] + self.z(lo - 1) if lo else tri @ self.shifted[lo:hi]
+            rows = z @ self.w_active
+            self._chunks[c] = rows
+        return rows[a - c * CHUNK : end - c * CHUNK + 1]
+
+    def depression(self, lo: int, hi: int) -> np.ndarray:
+        """``dep[i] = sum_{lo <= s < lo+i} lam^s S[s]`` for ``i = 0..hi-lo+1`` (rows, K)."""
+        n = hi - lo + 2
+        if n <= self.tab.tri.shape[0]:
+            tri = self.tab.tri_strict[:n, :n] * self.tab.lampow[lo : hi + 2]
+            return tri @ self.shifted[lo + 1 : hi + 3]
+        dep = np.zeros((n, self.shifted.shape[1]))
+        np.cumsum(
+            self.tab.lampow[lo : hi + 1, None] * self.shifted[lo + 1 : hi + 2], 0, out=dep[1:]
+        )
+        return dep
+
+    def tail(self, lo: int) -> np.ndarray:
+        """``sum_{lo <= s < T} lam^s S[s]`` (K,): depression to the end of the presentation."""
+        steps = self.tab.steps
+        return self.tab.lampow[lo:steps] @ self.shifted[lo + 1 : steps + 1]
+
+
+def present(
+    weights: np.ndarray,
+    weights32: np.ndarray,
+    thetas: np.ndarray,
+    presentation: Presentation,
+    params: NetworkParams,
+    tab: Tables,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train on one presentation, event by event.
+
+    Parameters
+    ----------
+    weights
+        (n_input, N) float64 working weights, already clipped to [w_min, w_max]. The
+        columns of the neurons that spike are updated IN PLACE (the caller owns it);
+        no normalisation is done here.
+    weights32
+        float32 copy of ``weights`` used for bounds; updated in place alongside.
+    thetas
+        (N,) float64 thresholds before the presentation (not modified).
+    presentation
+        Input spikes (active pixels only) and tie-break uniforms.
+    params
+        Network parameters; :func:`supported` must hold.
+    tab
+        ``tables(params)``.
+
+    Returns
+    -------
+    tuple
+        ``(thetas, counts, changed)``: thresholds after the presentation, (N,) int32
+        excitatory spike counts, and the ids of the columns that were updated.
+    """
+    steps = tab.steps
+    active = presentation.active
+    n = weights.shape[1]
+    k = active.size
+    counts = np.zeros(n, dtype=np.int32)
+    if k == 0:
+        return thetas * tab.g_total, counts, np.zeros(0, dtype=np.int64)
+
+    inputs = _Inputs(presentation, weights, tab)
+    shifted = inputs.shifted
+    # x_in after step t is lam^t * max_{s<=t} lam^-s S[s].
+    trace_key = shifted[1 : steps + 1] * tab.laminv[:, None]
+    x_max = np.zeros(k)  # max_{s < x_upto} lam^-s S[s]
+    x_upto = 0
+    # M at block ends, an upper bound of M over each block (float32 plus slack).
+    z_blocks = np.cumsum(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
+    m_blocks = (z_blocks @ weights32[active]).astype(np.float64) * (1.0 + _SAFETY)
+
+    theta_p = np.array(thetas, dtype=np.float64)  # theta[t] = theta' g^(t+1)
+    off = np.zeros(n)
+    bounds = _Bounds(m_blocks, theta_p, tab)
+    pending: dict[int, tuple[int, float]] = {}  # reset, not dirty: neuron -> (gate, U)
+    dirty = _Dirty(k)
+    hinc = np.zeros(steps + 3)  # scaled inhibition landing at each step
+    landing: dict[int, float] = {}  # the entries of hinc at steps >= a
+    h_before = 0.0  # H[a-1]
+    w_min, w_max = params.w_min, params.w_max
+    refrac = params.refrac
+    no_cand = np.zeros(0, dtype=np.int64)
+    everyone = np.arange(n)
+    a = 0
+    window = WINDOW
+    while a < steps:
+        if pending and min(g for g, _ in pending.values()) <= a:
+            _open_gates(pending, a, off, theta_p, bounds, inputs, h_before)
+        end = min(a + window, steps) - 1
+        if pending:
+            end = min(end, min(g for g, _ in pending.values()) - 1)
+        h_at_a = h_before + hinc[a]
+        b0, b1 = a // BLOCK, end // BLOCK
+        if not bounds.can_cross(b0, b1, h_at_a):
+            cand = no_cand
+        elif a < CHUNK:
+            cand = everyone  # early on most neurons are candidates: skip the selection
+        else:
+            cand = bounds.candidates(b0, b1, h_at_a)
+        nd = len(dirty.index)
+        if cand.size:
+            end = min(end, (a // CHUNK + 1) * CHUNK - 1)
+        elif not nd:
+            if not pending and bounds.best_after[b0] < h_at_a - _MARGIN:
+                break  # nothing can cross for the rest of the presentation
+            h_before += _landed(landing, end)
+            a = end + 1
+            window = min(2 * window, MAX_WINDOW)
+            continue
+        rows = end - a + 1
+        dneg_w = tab.dneg[a : end + 1]
+        cd_w = tab.cdneg[a : end + 1]
+        hinc_w = hinc[a : end + 1]  # a view: inhibition added below shows up in it
+        if cand.size:
+            # Exact scaled potentials and thresholds of the candidates, (rows, n_cand).
+            if cand is everyone:
+                u_c = inputs.m_rows(a, end) + off
+                th_c = np.multiply.outer(tab.rth[a : end + 1], theta_p)
+            else:
+                u_c = inputs.m_rows(a, end)[:, cand] + off[cand]
+                th_c = np.multiply.outer(tab.rth[a : end + 1], theta_p[cand])
+            u_c -= (h_before + np.cumsum(hinc[a : end + 1]))[:, None]
+            th_c += tab.cdneg[a : end + 1, None]
+        if nd:
+            # dep[i] = sum_{a <= s < a+i} lam^s S[s]: depression since a, rows i = 0..rows.
+            dep = inputs.depression(a, end)
+            s_win = shifted[a : end + 1]
+            s_dep = np.einsum("tk,tk->t", s_win, dep[:rows])  # sum_k S_k[t-1] dep_k
+            lowest = dirty.wlin - np.multiply.outer(dirty.rate, dep[rows - 1])
+            if lowest.min() >= w_min:
+                # No weight reaches w_min in the window, so the clip is idle and the
+                # input is linear in the depression: S.w - rate * sum_k S_k dep_k.
+                current = dirty.wlin @ s_win.T
+                current -= np.multiply.outer(dirty.rate, s_dep)
+            else:
+                w_now = np.multiply.outer(dirty.rate, dep[:rows])  # (nd, rows, K)
+                np.subtract(dirty.wlin[:, None, :], w_now, out=w_now)
+                np.maximum(w_now, w_min, out=w_now)
+                current = np.matmul(w_now[:, :, None, :], s_win[:, :, None])[:, :, 0, 0]
+            drive = current * tab.dneg[a : end + 1]  # scaled input, gated
+            drive -= hinc[a : end + 1]
+            for row in range(nd):
+                if dirty.gate[row] > a:
+                    drive[row, : dirty.gate[row] - a] = 0.0
+            u_d = np.cumsum(drive, axis=1)
+            u_d += dirty.u[:, None]
+            th_d = np.multiply.outer(dirty.theta, tab.rth[a : end + 1])
+            th_d += tab.cdneg[a : end + 1]
+            base = [0] * nd  # row r's weights are wlin[r] - rate[r] * (dep[i] - dep[base[r]])
+
+        # Events inside the window, in time order.
+        pos = 0
+        stop = rows
+        new_dirty: list[tuple[int, np.ndarray, float]] = []
+        while pos < stop:
+            first = stop
+            if cand.size:
+                hits = (u_c[pos:stop] >= th_c[pos:stop]).any(axis=1)
+                i = int(hits.argmax())
+                if hits[i]:
+                    first = pos + i
+            if nd:
+                last = min(first + 1, stop)  # a candidate's crossing may tie with a dirty one
+                hits = (u_d[:, pos:last] >= th_d[:, pos:last]).any(axis=0)
+                i = int(hits.argmax())
+                if hits[i]:
+                    first = pos + i
+            if first == stop:
+                break
+            t = a + first
+            above_c = cand[u_c[first] >= th_c[first]].tolist() if cand.size else []
+            above_d = [row for row in range(nd) if u_d[row, first] >= th_d[row, first]]
+            ids = above_c + [dirty.index[row] for row in above_d]
+            if len(ids) > 1:
+                ids.sort()
+            if not params.one_spike or len(ids) == 1:
+                winners = ids
+            else:
+                winners = [pick_winner(np.array(ids), presentation.choices[t])]
+            increment = params.theta_plus * tab.ginv[t]
+            for j in ids:
+                theta_p[j] += increment
+            reset_u = tab.dneg[t] * tab.u_reset
+            gate = t + refrac + 1
+            # STDP of each spiking neuron: depression by this step's input spikes (its
+            # trace is now 1), potentiation by the input traces, one clip.
+            x_max = np.maximum(x_max, trace_key[x_upto : t + 1].max(axis=0))
+            x_upto = t + 1
+            change = x_max * (params.nu_post * tab.lampow[t])
+            change -= shifted[t + 1] * params.nu_pre
+            rate = params.nu_pre * tab.laminv[t]
+            for j in winners:
+                counts[j] += 1
+            tail = first + 1
+            for row in above_d:
+                j = dirty.index[row]
+                dirty.theta[row] += increment
+                dirty.gate[row] = gate
+                if j in winners:
+                    w_new = dep[first] - dep[base[row]]
+                    w_new *= -dirty.rate[row]
+                    w_new += dirty.wlin[row]
+                    np.maximum(w_new, w_min, out=w_new)  # weights after step t-1
+                    w_new += change
+                    np.maximum(w_new, w_min, out=w_new)
+                    np.minimum(w_new, w_max, out=w_new)
+                    dirty.wlin[row] = w_new
+                    dirty.rate[row] = rate
+                    base[row] = tail
+                    if tail < stop:  # its input for the rest of the window
+                        # weights w_new - rate (dep[i] - dep[tail]) = v - rate dep[i]
+                        v = dep[tail] * rate
+                        v += w_new
+                        if (v - rate * dep[rows - 1]).min() >= w_min:  # no clip: linear
+                            cur = s_win[tail:] @ v
+                            cur -= rate * s_dep[tail:]
+                        else:
+                            w_row = dep[tail:rows] * -rate
+                            w_row += v
+                            np.maximum(w_row, w_min, out=w_row)
+                            cur = np.einsum("tk,tk->t", w_row, s_win[tail:])
+                        np.multiply(cur, dneg_w[tail:], out=drive[row, tail:])
+                        drive[row, tail:] -= hinc_w[tail:]
+                drive[row, tail : gate - a] = 0.0
+                u_d[row, first] = reset_u
+            for j in above_c:
+                w_new = None
+                if j in winners:
+                    w_new = inputs.w_active[:, j] + change
+                    np.maximum(w_new, w_min, out=w_new)
+                    np.minimum(w_new, w_max, out=w_new)
+                else:
+                    pending[j] = (gate, reset_u)
+                new_dirty.append((j, w_new, rate))
+                off[j] = -np.inf
+            if above_c:
+                bounds.drop(above_c)
+                stop = tail  # the window ends here; the next one starts from t + 1
+            if t + 2 < steps:
+                inh = tab.hstep[t + 2] * len(winners)
+                landing[t + 2] = landing.get(t + 2, 0.0) + inh
+                hinc[t + 2] += inh
+                if first + 2 < stop:
+                    if cand.size:
+                        u_c[first + 2 :] -= inh
+                    if nd:
+                        for row in range(nd):
+                            if dirty.gate[row] <= t + 2:
+                                drive[row, first + 2] -= inh
+            if nd and tail < stop:
+                np.cumsum(drive[:, tail:], axis=1, out=u_d[:, tail:])
+                u_d[:, tail:] += u_d[:, first, None]
+                for row in above_d:
+                    np.multiply(tab.rth[a : end + 1], dirty.theta[row], out=th_d[row])
+                    th_d[row] += cd_w
+            pos = tail
+
+        # Carry the state over to step a + stop.
+        if nd:
+            dirty.wlin -= dirty.rate[:, None] * (dep[stop] - dep[base])
+            dirty.u[:] = u_d[:, stop - 1]
+        for j, w_new, rate in new_dirty:
+            if w_new is not None:
+                dirty.add(
+                    j,
+                    w_new,
+                    rate,
+                    tab.dneg[a + stop - 1] * tab.u_reset,
+                    theta_p[j],
+                    a + stop + refrac,
+                )
+        h_before += _landed(landing, a + stop - 1)
+        window = WINDOW if stop < rows or pos > 0 else min(2 * window, MAX_WINDOW)
+        a += stop
+
+    # Weights after the last step: depression runs on to the end of the presentation.
+    if dirty.index:
+        wlin = dirty.wlin
+        if a < steps:
+            wlin = wlin - np.multiply.outer(dirty.rate, inputs.tail(a))
+        final = np.maximum(w_min, wlin).T
+        cols = np.array(dirty.index)
+        weights[np.ix_(active, cols)] = final
+        weights32[np.ix_(active, cols)] = final
+    return theta_p * tab.g_total, counts, np.array(dirty.index, dtype=np.int64)
+
+
+def _landed(landing: dict[int, float], upto: int) -> float:
+    """Remove and sum the inhibition that lands at steps <= ``upto``."""
+    total = 0.0
+    for step in [s for s in landing if s <= upto]:
+        total += landing.pop(step)
+    return total
+
+
+def _open_gates(
+    pending: dict[int, tuple[int, float]],
+    a: int,
+    off: np.ndarray,
+    theta_p: np.ndarray,
+    bounds: _Bounds,
+    inputs: _Inputs,
+    h_before: float,
+) -> None:
+    """Fix the offset of reset neurons whose input is no longer gated from step ``a``.
+
+    ``off = U_reset - M[a-1] + H[a-1]``, so that ``U[t] = M[t] - H[t] + off`` for t >= a.
+    """
+    ready = [j for j, (gate, _) in pending.items() if gate <= a]
+    m_prev = inputs.m_rows(a - 1, a - 1)[0, ready]
+    for j, m in zip(ready, m_prev.tolist(), strict=True):
+        _, base = pending.pop(j)
+        off[j] = base - m + h_before
+    bounds.update(ready, off, theta_p)

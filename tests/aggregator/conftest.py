@@ -1,0 +1,80 @@
+"""Fakes for the daemon tests: a fast trainer and a concatenating merge."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from edge_node.daemon import Progress, TrainOutcome
+from estdp.model import SubModel, new_model
+from estdp.params import NetworkParams
+from estdp.protocol import RoundAnnouncement
+
+
+class FakeTrainer:
+    """Random weights seeded by node and round, in ``seconds`` of fake work."""
+
+    def __init__(self, node_id: str, seconds: float = 0.0) -> None:
+        self.node_id = node_id
+        self.seconds = seconds
+        self.starts: list[SubModel | None] = []
+
+    def train(
+        self,
+        announcement: RoundAnnouncement,
+        n_neurons: int,
+        start: SubModel | None,
+        progress: Progress,
+    ) -> TrainOutcome:
+        self.starts.append(start)
+        for i in range(5):
+            time.sleep(self.seconds / 5)
+            progress(i + 1, 5)
+        rng = np.random.default_rng(zlib.crc32(f"{self.node_id}/{announcement.round_id}".encode()))
+        model = new_model(
+            rng.random((784, n_neurons), dtype=np.float32) * 0.3,
+            rng.random(n_neurons, dtype=np.float32) * 0.05,
+            NetworkParams(),
+            node_id=self.node_id,
+            images_seen=50,
+            seed=0,
+            labels=rng.integers(0, 10, n_neurons),
+            round=announcement.round_id,
+        )
+        return TrainOutcome(model, {"images": 50.0})
+
+    def evaluate(self, model: SubModel) -> dict[str, float]:
+        return {"accuracy": float(model.weights.mean())}
+
+
+def concat_merge(
+    models: Sequence[SubModel], target: int, metric: str, **kw: object
+) -> tuple[SubModel, dict]:
+    """Concatenate and keep the first ``target`` neurons (stands in for aggregator.merge)."""
+    weights = np.concatenate([m.weights for m in models], axis=1)[:, :target]
+    thetas = np.concatenate([m.thetas for m in models])[:target]
+    labels = np.concatenate([m.labels for m in models])[:target]
+    merged = new_model(
+        weights,
+        thetas,
+        models[0].params,
+        node_id="aggregator",
+        images_seen=sum(m.provenance.images_seen for m in models),
+        seed=0,
+        labels=labels,
+    )
+    return merged, {"pairs_compared": float(len(models)), "metric": metric}
+
+
+@pytest.fixture
+def fake_trainer() -> type[FakeTrainer]:
+    return FakeTrainer
+
+
+@pytest.fixture
+def merge_fn():
+    return concat_merge

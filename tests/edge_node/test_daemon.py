@@ -1,0 +1,200 @@
+"""The node daemon over the in-memory transport, against a scripted aggregator."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_node.daemon import NodeConfig, NodeDaemon, TrainOutcome
+from estdp import protocol
+from estdp.errors import ConfigError
+from estdp.model import load_model, new_model
+from estdp.params import NetworkParams
+from estdp.protocol import GlobalModel, RoundAnnouncement
+from estdp.topics import Topics
+from estdp.transport.base import TransportConfig
+from estdp.transport.channel import Channel
+from estdp.transport.memory import MemoryBroker, MemoryTransport
+
+TOPICS = Topics("mem")
+
+
+def model(n: int, value: float = 0.1, node: str = "n1"):
+    return new_model(
+        np.full((784, n), value, np.float32),
+        np.zeros(n, np.float32),
+        NetworkParams(),
+        node_id=node,
+        images_seen=7,
+        seed=0,
+    )
+
+
+class Trainer:
+    def __init__(self, stop_after: threading.Event | None = None) -> None:
+        self.calls: list[tuple[int, int, object]] = []
+        self.stop_after = stop_after
+
+    def train(self, announcement, n_neurons, start, progress):
+        self.calls.append((announcement.round_id, n_neurons, start))
+        progress(1, 2)
+        if self.stop_after is not None:
+            self.stop_after.set()
+        progress(2, 2)  # a stop request lands here
+        return TrainOutcome(model(n_neurons), {"images": 2.0})
+
+    def evaluate(self, m):
+        return {"accuracy": 0.5}
+
+
+def connect(broker: MemoryBroker, cid: str, will=None) -> Channel:
+    t = MemoryTransport(broker, TransportConfig(client_id=cid, will=will))
+    t.connect()
+    return Channel(t)
+
+
+def announce(agg: Channel, round_id: int, neurons: int = 4, cont: bool = False) -> None:
+    ann = RoundAnnouncement(round_id, neurons, 8, "mse", 2e9, 1, 1, cont, 1e9)
+    agg.send(TOPICS.round, ann, retain=True)
+
+
+def make_node(broker: MemoryBroker, tmp: Path, trainer=None, **kw) -> tuple[NodeDaemon, list[dict]]:
+    events: list[dict] = []
+    cfg = NodeConfig("n1", "mem", state_dir=tmp / "n1", **kw)
+    node = NodeDaemon(
+        cfg, connect(broker, "n1", cfg.will()), trainer or Trainer(), events=events.append
+    )
+    node.start()
+    return node, events
+
+
+@pytest.fixture
+def agg_side() -> tuple[MemoryBroker, Channel]:
+    broker = MemoryBroker()
+    agg = connect(broker, "aggregator")
+    agg.transport.subscribe(f"{TOPICS.root}/nodes/#")
+    return broker, agg
+
+
+def received(agg: Channel) -> list:
+    return [r.message for r in agg.poll_batch(0)]
+
+
+def test_round_train_publish_install_evaluate(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    node, events = make_node(broker, tmp_path)
+    announce(agg, 1)
+    node.step(0)
+    msgs = received(agg)
+    states = [m.state for m in msgs if isinstance(m, protocol.NodeStatus)]
+    assert states == ["online", "training", "online"]
+    (update,) = [m for m in msgs if isinstance(m, protocol.SubModelUpdate)]
+    assert (update.node_id, update.round_id, update.model.n_neurons) == ("n1", 1, 4)
+    assert TOPICS.update("n1") in broker.retained  # retained: survives an aggregator restart
+    assert [e["event"] for e in events if e["event"] == "progress"] == ["progress", "progress"]
+
+    agg.send(TOPICS.global_model, GlobalModel(1, model(8, 0.2, "aggregator"), ("n1",)), retain=True)
+    node.step(0)
+    installed = load_model(tmp_path / "n1" / "global.estdp")
+    assert installed.n_neurons == 8 and node.installed_round == 1 and node.pending_update is None
+    (metrics,) = [m for m in received(agg) if isinstance(m, protocol.NodeMetrics)]
+    assert metrics.metrics == {"accuracy": 0.5} and metrics.round_id == 1
+
+
+def test_next_round_continues_from_the_installed_global_model(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    trainer = Trainer()
+    node, _ = make_node(broker, tmp_path, trainer)
+    agg.send(TOPICS.global_model, GlobalModel(1, model(8, 0.2, "aggregator"), ("n1",)), retain=True)
+    announce(agg, 1)  # already has round 1's global model: nothing to train
+    node.step(0)
+    assert trainer.calls == []
+    announce(agg, 2, cont=True)
+    node.step(0)
+    (round_id, n, start) = trainer.calls[0]
+    assert round_id == 2 and start is not None and start.n_neurons == 8
+
+
+def test_stale_global_models_are_ignored(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    node, _ = make_node(broker, tmp_path)
+    agg.send(TOPICS.global_model, GlobalModel(3, model(8, 0.3, "aggregator"), ("n1",)))
+    agg.send(TOPICS.global_model, GlobalModel(2, model(8, 0.9, "aggregator"), ("n1",)))
+    node.step(0)
+    assert node.installed_round == 3 and float(node.global_model.weights[0, 0]) == pytest.approx(
+        0.3
+    )
+
+
+def test_a_restarted_node_resends_its_pending_update_and_keeps_its_global(
+    agg_side, tmp_path: Path
+) -> None:
+    broker, agg = agg_side
+    node, _ = make_node(broker, tmp_path)
+    announce(agg, 1)
+    node.step(0)
+    node.channel.transport.abort()
+    received(agg)
+    again, _ = make_node(broker, tmp_path)  # same state directory
+    assert again.published_round == 1 and again.pending_update is not None
+    msgs = received(agg)
+    assert any(isinstance(m, protocol.SubModelUpdate) for m in msgs)  # re-sent on start
+    again.step(0)
+    assert len(again.trainer.calls) == 0  # round 1 is not trained twice
+
+
+def test_reconnect_resends_the_pending_update(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    node, _ = make_node(broker, tmp_path)
+    announce(agg, 1)
+    node.step(0)
+    broker.down()  # loses the retained messages, as a broker without persistence does
+    broker.up()
+    node.step(0)
+    assert TOPICS.update("n1") in broker.retained
+
+
+def test_stop_during_training_parks_it(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    stop = threading.Event()
+    trainer = Trainer(stop_after=stop)
+    events: list[dict] = []
+    cfg = NodeConfig("n1", "mem", state_dir=tmp_path / "n1")
+    node = NodeDaemon(
+        cfg, connect(broker, "n1", cfg.will()), trainer, events=events.append, stop=stop
+    )
+    announce(agg, 1)
+    assert node.run(poll_s=0) == 0
+    assert "parked" in [e["event"] for e in events] and node.published_round == 0
+    msgs = received(agg)
+    assert not any(isinstance(m, protocol.SubModelUpdate) for m in msgs)
+    assert msgs[-1].state == "offline"
+
+
+def test_the_will_says_offline() -> None:
+    will = NodeConfig("n1", "mem").will()
+    assert will.retain and will.topic == TOPICS.status("n1")
+    assert protocol.decode_status(will.payload).state == "offline"
+    with pytest.raises(ConfigError):
+        NodeConfig("bad/id")
+
+
+def test_a_new_aggregator_session_restarts_the_round_count(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    trainer = Trainer()
+    node, _ = make_node(broker, tmp_path, trainer)
+    old = RoundAnnouncement(5, 4, 8, "mse", 2e9, 1, 1, False, 1e9, session="aaaa")
+    agg.send(TOPICS.round, old, retain=True)
+    agg.send(TOPICS.global_model, GlobalModel(5, model(8), ("n1",), session="aaaa"), retain=True)
+    node.step(0)
+    assert node.installed_round == 5 and node.session == "aaaa"
+    new = RoundAnnouncement(1, 4, 8, "mse", 2e9, 1, 1, False, 1e9, session="bbbb")
+    agg.send(TOPICS.round, new, retain=True)
+    node.step(0)
+    assert [c[0] for c in trainer.calls] == [1]  # 5 had its global; 1 is a new session's
+    agg.send(TOPICS.global_model, GlobalModel(9, model(8), ("n1",), session="aaaa"))
+    node.step(0)
+    assert node.installed_round == 0  # the old session's global model is not installed
