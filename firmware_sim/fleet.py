@@ -365,7 +365,7 @@ class Fleet:
         """Wait for the baseline to finish (bounded by the run's timeout); its ``done`` or
         ``error`` record, or None without a baseline."""
         deadline = self._t0 + self.config.timeout_s
-        last = time.monotonic()
+        last, said = time.monotonic(), ""
         while not self._baseline_done():
             if time.monotonic() > deadline:
                 self.close()
@@ -378,9 +378,14 @@ class Fleet:
             if time.monotonic() - last >= report_every and self.state.baseline is not None:
                 last = time.monotonic()
                 b = self.state.baseline
-                self.display.message(
+                text = (
                     f"baseline: {b.images_done}/{b.images_total} images ({b.images_per_s:.0f} img/s)"
+                    if b.images_done < b.images_total
+                    else "baseline: trained; assigning labels (a frozen pass over its images)"
                 )
+                if text != said:
+                    self.display.message(text)
+                said = text
         self.close()
         return self.outcome.baseline
 
@@ -517,8 +522,9 @@ class Fleet:
         number = int(event["round"])
         node_id = event["node"]
         rnd = self.state.round_state(number, self.config.nodes)
-        if node_id not in rnd.arrivals:
-            rnd.arrivals.append(node_id)
+        if node_id in rnd.arrivals:
+            return  # the same update again (a node re-sends it after a reconnect)
+        rnd.arrivals.append(node_id)
         if event.get("path"):
             self.outcome.updates.setdefault(number, {})[node_id] = Path(event["path"])
         node = self.state.nodes.get(node_id)

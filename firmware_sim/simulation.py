@@ -197,7 +197,7 @@ def score_run(
 
     with evaluation.ScorePool(test_x, test_y, backend, scoring.jobs) as pool:
         futures: list[tuple[Any, str, Path | None, dict[str, Any]]] = []
-        for node, path in updates.items():
+        for node, path in sorted(updates.items()):
             extra = {
                 "train_seconds": device.get(node),
                 "train_wall_seconds": wall.get(node),
