@@ -93,7 +93,9 @@ def train_model(
     if backend.is_gpu:
         from edge_node.cuda_train import train_images_cuda
 
-        weights, thetas, _ = train_images_cuda(weights, thetas, flat, params, rng=rng)
+        weights, thetas, _ = train_images_cuda(
+            weights, thetas, flat, params, rng=rng, progress=progress
+        )
         weights, thetas = to_host(weights), to_host(thetas)
     else:
         result = trainer.train(weights, thetas, flat, params, rng=rng, progress=progress)
