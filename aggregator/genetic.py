@@ -156,10 +156,13 @@ def evolve(
     seeds
         Keep-sets to start from (e.g. those of the similarity metrics); at least one.
     config
-        Budget and operators.
+        Budget and operators. ``time_budget_s`` covers the search and the verification.
     verify
-        Optional exact fitness: the ``config.verify_top`` best keep-sets by ``fitness``,
-        and the best seed, are re-scored with it, and the best by it is returned.
+        Optional exact fitness. The best seed is re-scored with it before the search
+        (which also measures its cost, reserved for later); after the search, the
+        ``config.verify_top`` best keep-sets by ``fitness``, in that order, while time
+        is left (the first always). The best by it is returned (ties: the better search
+        fitness, then the earlier).
     clock
         Seconds, for the time budget (injectable for tests).
 
@@ -172,11 +175,13 @@ def evolve(
     if len(seeds) == 0:
         raise MergeError("the genetic search needs at least one seed keep-set")
     start = clock()
+    deadline = start + config.time_budget_s
     rng = np.random.default_rng(config.seed)
     cache: dict[bytes, float] = {}
     order: list[bytes] = []  # first-evaluation order: ties go to the earlier keep-set
     sets: dict[bytes, np.ndarray] = {}
     out_of_time = False
+    reserve = 0.0  # time kept for verifying the search's best
 
     def score(keep: np.ndarray) -> float:
         nonlocal out_of_time
@@ -185,7 +190,7 @@ def evolve(
             cache[tag] = float(fitness(keep))
             order.append(tag)
             sets[tag] = keep
-            if clock() - start > config.time_budget_s:
+            if clock() > deadline - reserve:
                 out_of_time = True
         return cache[tag]
 
@@ -201,6 +206,15 @@ def evolve(
     fits = [score(k) for k in population]
     seed_fitness = max(cache[s.tobytes()] for s in seed_sets[: config.population])
     best_seed = max(seed_sets[: config.population], key=lambda s: cache[s.tobytes()])
+    checked: list[tuple[float, float, int, bytes]] = []
+    if verify is not None:
+        # The best seed first, so that the result never simulates worse than it.
+        t0 = clock()
+        checked.append(
+            (float(verify(best_seed)), cache[best_seed.tobytes()], 0, best_seed.tobytes())
+        )
+        reserve = config.verify_top * (clock() - t0)
+        out_of_time = clock() > deadline - reserve
 
     history: list[float] = []
     generation = 0
@@ -223,11 +237,12 @@ def evolve(
     best = ranked_tags[0]
     verified = None
     if verify is not None:
-        shortlist = ranked_tags[: config.verify_top]
-        if best_seed.tobytes() not in shortlist:
-            shortlist.append(best_seed.tobytes())
-        checked = [(float(verify(sets[t])), -cache[t], i, t) for i, t in enumerate(shortlist)]
-        best_check = max(checked, key=lambda c: (c[0], c[1], -c[2]))
+        shortlist = [t for t in ranked_tags[: config.verify_top] if t != checked[0][3]]
+        for i, tag in enumerate(shortlist, start=1):
+            if i >= 2 and clock() > deadline:
+                break
+            checked.append((float(verify(sets[tag])), cache[tag], -i, tag))
+        best_check = max(checked, key=lambda c: c[:3])
         verified, best = best_check[0], best_check[3]
     stopped = "time" if out_of_time and generation < config.generations else "generations"
     keep = sets[best]

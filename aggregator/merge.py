@@ -192,7 +192,11 @@ def plan_removal(
         return RemovalPlan(np.zeros(0, np.int64), np.arange(n), 0, 0, 0, timer)
     bounds = pair_bounds(w, metric, xp=xp, block_rows=block_rows, threads=threads)
     timer["similarity"] += time.perf_counter() - t0
-    k = initial_k(n, n_remove) if k is None else max(1, min(int(k), total_pairs(n)))
+    if k is None:
+        # With wide intervals (8-bit Manhattan) only pairs whose exact key is below the
+        # bound can be certified, fewer than those whose lower bound is: keep twice as many.
+        k = initial_k(n, n_remove) * (1 if bounds.tight else 2)
+    k = max(1, min(int(k), total_pairs(n)))
     passes = 0
     while True:
         passes += 1
@@ -369,22 +373,17 @@ def _genetic_keep(
             )
             plans.append(plan)
             seeds.append(plan.keep)
-    reserve = 0.0
     if fitness is None:
         assert validation is not None
-        t0 = time.perf_counter()
         fitness = surrogate_fitness(
             whole, validation.images, validation.labels, xp=xp, seed=validation.seed
         )
-        simulate = time.perf_counter() - t0  # one simulation of all n neurons
         if verify is None:
             verify = network_fitness(
                 whole, validation.images, validation.labels, xp=xp, seed=validation.seed
             )
-            # Keep time for re-simulating the shortlist (smaller networks, ~ target / n).
-            reserve = (config.verify_top + 1) * simulate * target / n
     # The time budget covers the whole stage: seeds, simulation, search and verification.
-    left = config.time_budget_s - (time.perf_counter() - start) - reserve
+    left = config.time_budget_s - (time.perf_counter() - start)
     budget = dataclasses.replace(config, time_budget_s=max(left, 1e-3))
     result = evolve(n, target, fitness, seeds, budget, verify=verify)
     removed = np.setdiff1d(np.arange(n), result.keep)

@@ -65,17 +65,17 @@ DISTANCES = frozenset(("mse", "manhattan"))
 
 _U64 = 2.0**-53
 _U32 = 2.0**-24
-# Elements per matrix-product block (float64): 512 KB, reused block after block; 64 rows
-# at least, for BLAS.
+# Elements per matrix-product block (float64): 512 KB, reused block after block by its
+# thread; 128 rows at least, for BLAS.
 _BLOCK_ELEMENTS = 1 << 16
-_MIN_BLOCK_ROWS = 64
+_MIN_BLOCK_ROWS = 128
 # Manhattan tiles: rows x columns x d bytes, sized to stay in a core's L2 cache.
 _TILE_ROWS = 8
 _TILE_COLS = 128
-_MANHATTAN_ROWS = 32  # rows per Manhattan block (one unit of work for a thread)
-# Below this many multiply-adds in all, the products run on one BLAS thread: threads
-# gain little there, and lose badly (spinning) when other processes hold the cores.
-_SINGLE_THREAD_WORK = 1 << 29
+_MANHATTAN_ROWS = 64  # rows per Manhattan block (one unit of work for a thread)
+# Exact values of at least this many pairs are split across threads (below, the threads'
+# start-up and buffers cost more than they save).
+_PARALLEL_EXACT = 8192
 # Pairs per chunk of exact evaluation: 2 x 64 x 784 float64 = 800 KB stay in cache.
 _EXACT_CHUNK = 64
 
@@ -125,37 +125,56 @@ def check_weights(weights: Any, *, xp: ModuleType = np) -> Any:
 class ExactPairs:
     """Per-neuron quantities that make exact pair values cheap to evaluate by chunks.
 
-    Not thread-safe: it keeps its scratch buffers.
+    It keeps scratch buffers, one set per thread that uses it.
     """
 
     metric: str
     z: Any  # (n, d) rows: float64 (centred for correlation); Manhattan keeps float32 input
     sq: Any  # (n,) float64 squared norms of z (cosine and correlation; else empty)
     xp: ModuleType = np
-    _scratch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _scratch: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def _buffers(self) -> tuple[Any, Any, Any]:
-        if "a" not in self._scratch:
+        # One set per thread: values() may run on slices in several threads at once.
+        key = threading.get_ident()
+        if key not in self._scratch:
             shape = (_EXACT_CHUNK, int(self.z.shape[1]))
-            self._scratch["a"] = self.xp.empty(shape, dtype=self.z.dtype)
-            self._scratch["b"] = self.xp.empty(shape, dtype=self.z.dtype)
-            self._scratch["c"] = self.xp.empty(shape)
-        return self._scratch["a"], self._scratch["b"], self._scratch["c"]
+            self._scratch[key] = (
+                self.xp.empty(shape, dtype=self.z.dtype),
+                self.xp.empty(shape, dtype=self.z.dtype),
+                self.xp.empty(shape),
+            )
+        return self._scratch[key]
 
-    def values(self, rows: Any, cols: Any) -> Any:
-        """Exact values of pairs (rows[p], cols[p]), float64."""
+    def values(
+        self, rows: Any, cols: Any, pool: ThreadPoolExecutor | None = None, parts: int = 1
+    ) -> Any:
+        """Exact values of pairs (rows[p], cols[p]), float64.
+
+        With a thread ``pool`` (NumPy only), a large request is split into ``parts``
+        slices evaluated in its threads.
+        """
         xp = self.xp
         m = int(rows.shape[0])
         out = xp.empty(m, dtype=xp.float64)
+        if pool is not None and parts > 1 and m >= _PARALLEL_EXACT:
+            step = -(-m // parts)
+            spans = [(p0, min(m, p0 + step)) for p0 in range(0, m, step)]
+            list(pool.map(lambda span: self._fill(rows, cols, out, *span), spans))
+        else:
+            self._fill(rows, cols, out, 0, m)
+        return out
+
+    def _fill(self, rows: Any, cols: Any, out: Any, start: int, stop: int) -> None:
+        xp = self.xp
         a_buf, b_buf, c_buf = self._buffers()
-        for p0 in range(0, m, _EXACT_CHUNK):
-            p1 = min(m, p0 + _EXACT_CHUNK)
+        for p0 in range(start, stop, _EXACT_CHUNK):
+            p1 = min(stop, p0 + _EXACT_CHUNK)
             i, j = rows[p0:p1], cols[p0:p1]
             a, b = a_buf[: p1 - p0], b_buf[: p1 - p0]
             xp.take(self.z, i, axis=0, out=a)
             xp.take(self.z, j, axis=0, out=b)
             out[p0:p1] = self._combine(a, b, c_buf[: p1 - p0], i, j)
-        return out
 
     def _combine(self, a: Any, b: Any, c: Any, i: Any, j: Any) -> Any:
         xp = self.xp
@@ -256,9 +275,9 @@ class PairBounds:
     xp: ModuleType
     workers: int = 1  # threads the scan runs its blocks in
 
-    def exact_keys(self, rows: Any, cols: Any) -> Any:
-        """Exact rank keys of pairs, float64, on the backend of ``xp``."""
-        return rank_keys(self.exact.values(rows, cols), self.metric)
+    def exact_keys(self, rows: Any, cols: Any, pool: ThreadPoolExecutor | None = None) -> Any:
+        """Exact rank keys of pairs, float64, on the backend of ``xp`` (see ``values``)."""
+        return rank_keys(self.exact.values(rows, cols, pool, self.workers), self.metric)
 
     def blocks(self) -> Iterator[tuple[int, Any]]:
         """``(r0, copy of lo)`` for every block (for tests and small n)."""
@@ -284,9 +303,11 @@ def pair_bounds(
     xp
         numpy or cupy; ``weights`` are moved there.
     block_rows
-        Rows per block of the matrix-product metrics (default: about 256K elements).
+        Rows per block of the matrix-product metrics (default: about 64K elements per
+        block, at least 128 rows).
     threads
-        Worker threads of the NumPy Manhattan kernel (default: the usable CPU cores).
+        Worker threads on the CPU (default: the usable CPU cores); each block's matrix
+        product runs on one BLAS thread.
 
     Returns
     -------
@@ -301,7 +322,7 @@ def pair_bounds(
         if d + 1 < 65535:
             return _manhattan_bounds_quantised(exact, threads)
         return _manhattan_bounds_float(exact, threads)
-    return _gram_bounds(exact, xp, block_rows)
+    return _gram_bounds(exact, xp, block_rows, threads)
 
 
 def _is_cupy(xp: ModuleType) -> bool:
@@ -336,20 +357,22 @@ def _lower_triangle(rows: int, xp: ModuleType) -> Any:
 def _blas_controller() -> Any:
     try:
         from threadpoolctl import ThreadpoolController
-    except ImportError:
+    except ImportError:  # pragma: no cover - a core dependency
         return None
     return ThreadpoolController()
 
 
-def _blas_threads(work: int, xp: ModuleType) -> contextlib.AbstractContextManager[Any]:
-    """One BLAS thread for small products (when threadpoolctl is installed)."""
-    controller = _blas_controller() if xp is np and work < _SINGLE_THREAD_WORK else None
-    if controller is None:
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """Limit BLAS to one thread (process-wide) while the context lasts."""
+    controller = _blas_controller()
+    if controller is None:  # pragma: no cover
         return contextlib.nullcontext()
     return controller.limit(limits=1, user_api="blas")
 
 
-def _gram_bounds(exact: ExactPairs, xp: ModuleType, block_rows: int | None) -> PairBounds:
+def _gram_bounds(
+    exact: ExactPairs, xp: ModuleType, block_rows: int | None, threads: int | None
+) -> PairBounds:
     metric = exact.metric
     z = exact.z
     n, d = (int(s) for s in z.shape)
@@ -373,28 +396,30 @@ def _gram_bounds(exact: ExactPairs, xp: ModuleType, block_rows: int | None) -> P
         row_term = inv
         col_term = -inv
 
-    def scan(compact: Compactor) -> Iterator[Any]:
-        buf = xp.empty(rows * n)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            g = buf[: (r1 - r0) * (n - r0)].reshape(r1 - r0, n - r0)
-            with _blas_threads(n * n * d // 2, xp):
-                xp.matmul(z[r0:r1], z[r0:].T, out=g)
-            if metric == "mse":
-                g *= scale
-                g += row_term[r0:r1, None]
-                g += col_term[None, r0:]
-            else:
-                g *= row_term[r0:r1, None]
-                g *= col_term[None, r0:]  # the rank key of a similarity is its negative
-                g -= eps
-            _mask_lower(g, xp)
-            yield compact(r0, g)
+    def block(r0: int, local: Any, compact: Compactor) -> Any:
+        r1 = min(n, r0 + rows)
+        shape = (r1 - r0, n - r0)
+        g = _scratch(local, "gram", shape, np.float64) if xp is np else xp.empty(shape)
+        xp.matmul(z[r0:r1], z[r0:].T, out=g)
+        if metric == "mse":
+            g *= scale
+            g += row_term[r0:r1, None]
+            g += col_term[None, r0:]
+        else:
+            g *= row_term[r0:r1, None]
+            g *= col_term[None, r0:]  # the rank key of a similarity is its negative
+            g -= eps
+        _mask_lower(g, xp)
+        return compact(r0, g)
 
     def width(i: Any, j: Any) -> Any:
         return xp.full(i.shape, 2.0 * eps)
 
-    return PairBounds(metric, n, scan, width, exact, True, xp)
+    # On the CPU, blocks run in threads, each product on one BLAS thread: no thread
+    # spins waiting for a core that another process holds.
+    workers = _threads(threads) if xp is np else 1
+    scan = _threaded_scan(n, rows, workers, block, single_blas=xp is np)
+    return PairBounds(metric, n, scan, width, exact, True, xp, workers)
 
 
 def _row_sq(z: Any, xp: ModuleType) -> Any:
@@ -420,7 +445,12 @@ def _threads(threads: int | None) -> int:
 
 
 def _threaded_scan(
-    n: int, rows: int, workers: int, block: Callable[[int, Any], Any]
+    n: int,
+    rows: int,
+    workers: int,
+    block: Callable[[int, Any, Compactor], Any],
+    *,
+    single_blas: bool = False,
 ) -> Callable[[Compactor], Iterator[Any]]:
     """A scan whose blocks (and their compaction) run in ``workers`` threads, in order."""
 
@@ -431,11 +461,12 @@ def _threaded_scan(
         def one(r0: int) -> Any:
             return block(r0, local, compact)
 
-        if workers == 1 or n <= rows:
-            yield from map(one, starts)
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            yield from pool.map(one, starts)
+        with _one_blas_thread() if single_blas else contextlib.nullcontext():
+            if workers == 1 or n <= rows:
+                yield from map(one, starts)
+                return
+            with ThreadPoolExecutor(workers) as pool:
+                yield from pool.map(one, starts)
 
     return scan
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_simulate.py [--repeat 3] [-- extra estdp simulate flags]
 
 Each run is a separate `estdp simulate --json` process writing its report under
-runs/bench-simulate/<i>; the last line printed is one JSON object with the median wall
+reports/bench-simulate/<i>; the last line printed is one JSON object with the median wall
 seconds, the compressed and baseline accuracies of each run, and the host's CPU count.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", default="runs/bench-simulate")
+    parser.add_argument("--out", default="reports/bench-simulate")
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra

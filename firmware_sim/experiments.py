@@ -12,7 +12,7 @@ and its section of docs/results.md.
 - ``non-iid``: 5 x 100 -> 300 on IID shards and on Dirichlet shards (alpha 0.1, 0.5, 1.0).
 
 Single models are trained in-process with the workflow of ``estdp train`` and cached in
-the report directory (``models/single-<N>.estdp``), so experiments that share a model
+the report directory (``models/single-<N>-...estdp``), so experiments that share a model
 train it once.
 """
 
@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -339,7 +340,7 @@ def non_iid(ctx: Context) -> dict[str, Any]:
         name = str(spec).replace(":", "-")
         res = ctx.simulate(
             f"non-iid-{name}",
-            f"5 x 100 -> 300 on {spec} shards",
+            f"5 x {c.neurons(100)} -> {target} on {spec} shards",
             nodes=5,
             neurons=c.neurons(100),
             target=target,
@@ -361,7 +362,7 @@ def non_iid(ctx: Context) -> dict[str, Any]:
             }
         )
     return {
-        "title": "Non-IID shards (Dirichlet) against IID, 5 x 100 -> 300",
+        "title": f"Non-IID shards (Dirichlet) against IID, 5 x {c.neurons(100)} -> {target}",
         "tables": [{"title": "Compressed-model accuracy by partition", "rows": rows}],
     }
 
@@ -417,16 +418,23 @@ def docs_markdown(name: str, results: dict[str, Any], plots: list[Path], docs: P
     return "\n".join(lines) + "\n"
 
 
+def _is_section(line: str) -> bool:
+    """The Simulation section's heading: ``## Simulation`` or ``## Simulation (...)``."""
+    line = line.rstrip("\n")
+    return line == SECTION or line.startswith(SECTION + " ")
+
+
 def replace_subsection(text: str, heading: str, body: str) -> str:
     """``text`` with the ``### heading...`` subsection of the Simulation section set to ``body``.
 
-    The Simulation section (``## Simulation``) is created at the end when missing; other
+    The Simulation section (a ``## Simulation`` heading, possibly with a suffix such as
+    ``(issue #5)``) is created at the end when missing; other
     sections are left byte for byte.
     """
-    if SECTION not in text.splitlines():
+    if not any(_is_section(line) for line in text.splitlines()):
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + SECTION + "\n\n"
     lines = text.splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION)
+    start = next(i for i, line in enumerate(lines) if _is_section(line))
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     section = lines[start:end]
     sub = next((i for i, line in enumerate(section) if line.startswith(heading)), None)
@@ -445,8 +453,18 @@ def replace_subsection(text: str, heading: str, body: str) -> str:
 
 
 def update_docs(docs: Path, name: str, results: dict[str, Any], plots: list[Path]) -> None:
-    """Write experiment ``name``'s subsection into the Simulation section of ``docs``."""
+    """Write experiment ``name``'s subsection into the Simulation section of ``docs``.
+
+    The plots are copied beside the page (``img/experiment-<name>/``) so the page keeps
+    its figures when the report directory (ignored by git) is gone.
+    """
     text = docs.read_text() if docs.exists() else "# Results\n"
-    body = docs_markdown(name, results, plots, docs)
     docs.parent.mkdir(parents=True, exist_ok=True)
+    copies = []
+    if plots:
+        img_dir = docs.parent / "img" / f"experiment-{name}"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        for plot in plots:
+            copies.append(Path(shutil.copy2(plot, img_dir / plot.name)))
+    body = docs_markdown(name, results, copies, docs)
     docs.write_text(replace_subsection(text, f"### Experiment `{name}`", body))

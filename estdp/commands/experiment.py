@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=NAMES, help="which experiment")
     parser.add_argument(
         "--out",
-        default="runs/experiments",
-        help="report root; NAME/ goes under it (default runs/experiments)",
+        default="reports/experiments",
+        help="report root; NAME/ goes under it (default reports/experiments)",
     )
     parser.add_argument(
         "--docs",

@@ -88,6 +88,24 @@ def test_verification_reports_the_exact_fitness_of_the_result():
     assert result.verified == pytest.approx(result.fitness + 0.5)
 
 
+def test_verification_time_is_reserved_and_bounded():
+    ticks = iter(np.arange(0.0, 1e6, 1.0))  # every clock reading advances one "second"
+    calls = []
+
+    def exact(keep: np.ndarray) -> float:
+        calls.append(keep)
+        return additive(keep)
+
+    config = GAConfig(population=6, generations=1000, seed=0, verify_top=4, time_budget_s=40)
+    result = evolve(
+        N, TARGET, additive, _seeds(), config, verify=exact, clock=lambda: float(next(ticks))
+    )
+    assert result.stopped == "time"
+    # The best seed, then the search's best while the deadline allows (at least one).
+    assert 2 <= len(calls) <= 5
+    assert result.seconds <= 40 + 10
+
+
 def test_the_best_seed_is_always_verified():
     seeds = _seeds()
     best_seed = max(seeds, key=additive)

@@ -43,6 +43,12 @@ def test_replace_subsection_touches_only_its_subsection():
     assert out.endswith("## Merge\n\nmerge text\n")
 
 
+def test_the_section_heading_may_carry_a_suffix():
+    doc = DOC.replace("## Simulation\n", "## Simulation (issue #5)\n")
+    out = E.replace_subsection(doc, "### Experiment `ga`", "### Experiment `ga`: new\n")
+    assert "ga table" not in out and out.count("## Simulation") == 1
+
+
 def test_replace_subsection_appends_new_subsection_and_creates_the_section():
     out = E.replace_subsection(
         DOC, "### Experiment `ensemble`", "### Experiment `ensemble`: e\n\nrows\n"
@@ -65,6 +71,8 @@ def test_update_docs_writes_the_table_and_plot_links(tmp_path: Path):
     docs.parent.mkdir()
     docs.write_text(DOC)
     plot = tmp_path / "runs" / "compression" / "compression.png"
+    plot.parent.mkdir(parents=True)
+    plot.write_bytes(b"png")
     results = {
         "title": "T",
         "command": "estdp experiment compression",
@@ -75,7 +83,10 @@ def test_update_docs_writes_the_table_and_plot_links(tmp_path: Path):
     text = docs.read_text()
     assert "| 0 | 90.00% |" in text
     assert "estdp experiment compression" in text
-    assert "](../runs/compression/compression.png)" in text
+    assert "](img/experiment-compression/compression.png)" in text
+    assert (
+        docs.parent / "img" / "experiment-compression" / "compression.png"
+    ).read_bytes() == b"png"
     assert "engine text" in text and "merge text" in text
 
 
