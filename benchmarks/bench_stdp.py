@@ -1,15 +1,20 @@
-"""NumPy speed of STDP training: milliseconds per training image (event-driven trainer).
+"""CPU speed of STDP training and inference: milliseconds per image, numpy and native.
 
     python benchmarks/bench_stdp.py [--neurons 300] [--warmup 1000] [--images 300]
                                     [--repeat 5] [--preset bindsnet] [--data DIR]
+                                    [--backend numpy,native] [--infer 1000]
 
 Spike counts per image, and so the cost of the event-driven trainer, depend on how far
 training has gone, so the network is first trained on ``--warmup`` images (reported, not
 part of the figure); then training on the next ``--images`` images is timed ``--repeat``
-times, each run from the same warmed-up state and seed. Uses MNIST from ``--data`` /
-``$ESTDP_DATA`` / ../shared/data/mnist when present, else synthetic digit-like images.
-Each run prints a line; the last line is one JSON object with the medians (wall clock
-and process CPU time: on a shared machine the CPU time is the steadier of the two).
+times per backend, each run from the same warmed-up state and seed, the backends taking
+turns so that a noisy neighbour slows both alike. With ``--infer N``, frozen-weight
+inference on N images is timed the same way (``numpy``: the batched float32 NumPy loop;
+``native``: the C kernel with its threads). Uses MNIST from ``--data`` / ``$ESTDP_DATA`` /
+../shared/data/mnist when present, else synthetic digit-like images. Each run prints a
+line; the last line is one JSON object with the medians per backend (wall clock and
+process CPU time: on a shared machine the CPU time is the steadier of the two) and the
+speed-up of native over numpy measured in this process.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_node import inference, native_kernels
 from edge_node.trainer import init_weights, train
 from estdp.params import load_params
 
@@ -52,6 +58,12 @@ def load_images(n: int, data: str | None, seed: int) -> tuple[np.ndarray, str]:
     return synthetic_digits(n, np.random.default_rng(seed)), "synthetic"
 
 
+def _timed(run) -> tuple[float, float, object]:
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    result = run()
+    return time.perf_counter() - start_wall, time.process_time() - start_cpu, result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neurons", type=int, default=300)
@@ -61,46 +73,87 @@ def main() -> int:
     parser.add_argument("--preset", default="bindsnet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None)
+    parser.add_argument("--backend", default="numpy,native", help="comma-separated: numpy, native")
+    parser.add_argument("--infer", type=int, default=0, help="also time inference on N images")
     args = parser.parse_args()
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends or set(backends) - {"numpy", "native"}:
+        parser.error(f"--backend takes numpy and/or native, got {args.backend!r}")
 
     params = load_params(args.preset)
-    images, source = load_images(args.warmup + args.images, args.data, args.seed)
+    images, source = load_images(args.warmup + max(args.images, args.infer), args.data, args.seed)
     rng = np.random.default_rng(args.seed)
     weights, thetas = init_weights(args.neurons, params, rng)
     t0 = time.perf_counter()
-    warm = train(weights, thetas, images[: args.warmup], params, rng=rng)
+    warm = train(
+        weights, thetas, images[: args.warmup], params, rng=rng, native="native" in backends
+    )
     warm_ms = (time.perf_counter() - t0) / max(args.warmup, 1) * 1e3
     print(f"warm-up: {args.warmup} images, {warm_ms:.3f} ms/image", flush=True)
 
-    timed = images[args.warmup :]
-    wall, cpu = [], []
+    timed = images[args.warmup : args.warmup + args.images]
+    test = images[args.warmup : args.warmup + args.infer]
+    figures: dict[str, dict[str, list[float]]] = {
+        b: {"train_wall": [], "train_cpu": [], "infer_wall": [], "infer_cpu": []} for b in backends
+    }
+    spikes = 0.0
     for run in range(args.repeat):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        result = train(
-            warm.weights, warm.thetas, timed, params, rng=np.random.default_rng(args.seed + 1)
-        )
-        wall.append((time.perf_counter() - start_wall) / len(timed) * 1e3)
-        cpu.append((time.process_time() - start_cpu) / len(timed) * 1e3)
-        spikes = result.spike_counts.sum() / len(timed)
-        print(
-            f"run {run + 1}: {wall[-1]:.3f} ms/image wall, {cpu[-1]:.3f} ms/image cpu, "
-            f"{spikes:.1f} excitatory spikes/image",
-            flush=True,
-        )
+        for name in backends:
+            wall, cpu, result = _timed(
+                lambda name=name: train(
+                    warm.weights, warm.thetas, timed, params,
+                    rng=np.random.default_rng(args.seed + 1), native=name == "native",
+                )
+            )  # fmt: skip
+            figures[name]["train_wall"].append(wall / len(timed) * 1e3)
+            figures[name]["train_cpu"].append(cpu / len(timed) * 1e3)
+            spikes = result.spike_counts.sum() / len(timed)
+            line = f"run {run + 1} {name}: train {wall / len(timed) * 1e3:.3f} ms/image wall"
+            if args.infer:
+                counts = inference.spike_counts if name == "numpy" else native_kernels.spike_counts
+                wall, cpu, _ = _timed(
+                    lambda counts=counts: counts(
+                        warm.weights, warm.thetas, test, params, rng=np.random.default_rng(7)
+                    )
+                )
+                figures[name]["infer_wall"].append(wall / len(test) * 1e3)
+                figures[name]["infer_cpu"].append(cpu / len(test) * 1e3)
+                line += f", infer {wall / len(test) * 1e3:.3f} ms/image wall"
+            print(f"{line}, {spikes:.1f} excitatory spikes/image", flush=True)
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 4) if values else None
+
     summary = {
         "benchmark": "stdp_train",
-        "backend": "numpy",
         "preset": params.preset,
         "neurons": args.neurons,
         "images": len(timed),
+        "infer_images": len(test),
         "warmup_images": args.warmup,
         "data": source,
         "repeat": args.repeat,
-        "ms_per_image": round(statistics.median(wall), 4),
-        "ms_per_image_cpu": round(statistics.median(cpu), 4),
-        "ms_per_image_warmup": round(warm_ms, 4),
         "spikes_per_image": round(float(spikes), 2),
+        "ms_per_image_warmup": round(warm_ms, 4),
     }
+    for name in backends:
+        for key, values in figures[name].items():
+            summary[f"{name}_{key}_ms_per_image"] = median(values)
+    if len(backends) == 2:
+        num, nat = figures["numpy"], figures["native"]
+        summary["native_speedup_train"] = round(
+            statistics.median(
+                a / b for a, b in zip(num["train_wall"], nat["train_wall"], strict=True)
+            ),
+            2,
+        )
+        if args.infer:
+            summary["native_speedup_infer"] = round(
+                statistics.median(
+                    a / b for a, b in zip(num["infer_wall"], nat["infer_wall"], strict=True)
+                ),
+                2,
+            )
     print(json.dumps(summary))
     return 0
 

@@ -24,10 +24,12 @@ simulator path (reference, event-driven, CUDA) consumes the generator through
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 
+from estdp.errors import ConfigError
 from estdp.params import NetworkParams
 
 
@@ -120,3 +122,16 @@ def _float32_bound(p: np.ndarray) -> np.ndarray:
     low = bound < p
     bound[low] = np.nextafter(bound[low], np.float32(np.inf))
     return bound
+
+
+def flatten_images(images: np.ndarray, n_input: int) -> np.ndarray:
+    """(n, n_input) view of ``images`` given as (n, n_input) or (n, H, W) pixel arrays."""
+    images = np.asarray(images)
+    if images.ndim < 2:
+        raise ConfigError(f"images must be (n, {n_input}) or (n, H, W), got shape {images.shape}")
+    flat = images.reshape(images.shape[0], math.prod(images.shape[1:]))  # -1 fails for n = 0
+    if flat.shape[1] != n_input:
+        raise ConfigError(
+            f"images have {flat.shape[1]} pixels but the network has {n_input} inputs"
+        )
+    return flat

@@ -24,9 +24,8 @@ from types import ModuleType
 
 import numpy as np
 
-from edge_node.encoding import spike_probability
+from edge_node.encoding import flatten_images, spike_probability
 from edge_node.network import decays
-from edge_node.trainer import flatten_images
 from estdp.errors import ConfigError
 from estdp.params import NetworkParams
 

@@ -7,7 +7,8 @@ For each image (one pass, in order):
    column that no spike touches);
 2. one presentation is drawn (:func:`edge_node.encoding.draw_presentation`) and run by
    the event-driven simulator (:mod:`edge_node.event_driven`), or by the reference loop
-   for parameter sets it does not cover (:func:`edge_node.event_driven.supported`);
+   for parameter sets it does not cover (:func:`edge_node.event_driven.supported`), or,
+   for the ``native`` backend, by the C kernel (:mod:`edge_node.native_kernels`);
 3. the changed columns are normalised to sum ``norm`` (columns no spike touched already
    sum to ``norm``); thresholds decay over ``rest_steps`` of rest;
 4. paper preset: an image that drew fewer than ``min_spikes`` excitatory spikes is
@@ -25,8 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from edge_node import event_driven, reference
-from edge_node.encoding import draw_presentation
+from edge_node import event_driven, native_kernels, reference
+from edge_node.encoding import draw_presentation, flatten_images
 from edge_node.network import normalise_columns, rest_decay
 from estdp.errors import ConfigError
 from estdp.params import NetworkParams
@@ -70,19 +71,6 @@ def init_weights(
         raise ConfigError(f"n_neurons must be >= 1, got {n_neurons}")
     weights = rng.random((params.n_input, n_neurons)) * params.w_init_max
     return weights.astype(np.float32), np.zeros(n_neurons, dtype=np.float32)
-
-
-def flatten_images(images: np.ndarray, n_input: int) -> np.ndarray:
-    """(n, n_input) view of ``images`` given as (n, n_input) or (n, H, W) pixel arrays."""
-    images = np.asarray(images)
-    if images.ndim < 2:
-        raise ConfigError(f"images must be (n, {n_input}) or (n, H, W), got shape {images.shape}")
-    flat = images.reshape(images.shape[0], -1)
-    if flat.shape[1] != n_input:
-        raise ConfigError(
-            f"images have {flat.shape[1]} pixels but the network has {n_input} inputs"
-        )
-    return flat
 
 
 class _Working:
@@ -132,8 +120,9 @@ def train(
     *,
     rng: np.random.Generator,
     progress: Callable[[int], None] | None = None,
+    native: bool = False,
 ) -> TrainResult:
-    """Train on ``images`` in order, one pass, with STDP (NumPy, event-driven).
+    """Train on ``images`` in order, one pass, with STDP (NumPy event-driven, or C).
 
     Parameters
     ----------
@@ -149,6 +138,9 @@ def train(
         Random generator (input spikes and tie-breaks; see :mod:`edge_node.encoding`).
     progress
         Called with the number of images done after each image.
+    native
+        Run each presentation in the C kernel (:mod:`edge_node.native_kernels`) instead
+        of the event-driven NumPy path; the same inputs, the same spikes.
 
     Returns
     -------
@@ -162,7 +154,7 @@ def train(
         raise ConfigError(f"thetas must be ({weights.shape[1]},), got shape {thetas.shape}")
     flat = flatten_images(images, params.n_input)
     with one_blas_thread():
-        return _train(weights, thetas, flat, params, rng, progress)
+        return _train(weights, thetas, flat, params, rng, progress, native)
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager:
@@ -180,6 +172,7 @@ def _train(
     params: NetworkParams,
     rng: np.random.Generator,
     progress: Callable[[int], None] | None,
+    native: bool,
 ) -> TrainResult:
     state = _Working(weights, thetas, params)
     tab = event_driven.tables(params)
@@ -190,7 +183,7 @@ def _train(
         for attempt in range(params.max_presentations):
             drawn = draw_presentation(image, params, rng, intensity)
             presentations += 1
-            counts[n] = _present(state, drawn, params, tab)
+            counts[n] = _present(state, drawn, params, tab, native)
             if counts[n].sum() >= params.min_spikes or attempt + 1 == params.max_presentations:
                 break
             intensity += params.intensity_boost
@@ -205,8 +198,15 @@ def _train(
     )
 
 
-def _present(state: _Working, drawn, params: NetworkParams, tab: event_driven.Tables) -> np.ndarray:
+def _present(
+    state: _Working, drawn, params: NetworkParams, tab: event_driven.Tables, native: bool
+) -> np.ndarray:
     """One learning presentation; updates ``state``; returns the (N,) spike counts."""
+    if native:
+        state.clip_for_step0()
+        counts = native_kernels.present(state.w, state.theta, drawn, params)
+        state.finish(np.flatnonzero(counts))
+        return counts
     if event_driven.supported(params, state.theta):
         state.clip_for_step0()
         state.theta, counts, changed = event_driven.present(

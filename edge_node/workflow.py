@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_node import inference, labels, trainer
+from edge_node import inference, labels, native_kernels, trainer
 from estdp.backend import Backend, to_host
 from estdp.errors import ConfigError
 from estdp.model import SubModel, new_model
@@ -98,7 +98,9 @@ def train_model(
         )
         weights, thetas = to_host(weights), to_host(thetas)
     else:
-        result = trainer.train(weights, thetas, flat, params, rng=rng, progress=progress)
+        result = trainer.train(
+            weights, thetas, flat, params, rng=rng, progress=progress, native=backend.is_native
+        )
         weights, thetas = result.weights, result.thetas
     train_seconds = time.perf_counter() - t0
 
@@ -136,6 +138,8 @@ def spike_counts(
         from edge_node.cuda_infer import spike_counts_cuda
 
         return to_host(spike_counts_cuda(weights, thetas, flat, params, rng=rng))
+    if backend.is_native:
+        return native_kernels.spike_counts(weights, thetas, flat, params, rng=rng)
     return to_host(inference.spike_counts(weights, thetas, flat, params, rng=rng))
 
 

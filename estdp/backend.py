@@ -1,4 +1,10 @@
-"""Array-backend choice: numpy, cupy, or auto.
+"""Array-backend choice: numpy, native, cupy, or auto.
+
+- ``numpy``: NumPy everywhere (the event-driven trainer, batched inference).
+- ``native``: the same arrays (``xp`` is NumPy), with the per-step loops of training and
+  inference in C kernels compiled on first use (:mod:`estdp.native`); needs a C compiler.
+- ``cupy``: CuPy arrays and CUDA kernels; needs a usable GPU.
+- ``auto``: cupy when a GPU is usable, else native when C kernels build, else numpy.
 
 The choice is made once at start-up, logged, and passed down as ``xp``; nothing below
 re-detects it. CuPy is imported in this module only, and its import error is kept so
@@ -14,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from estdp import native
 from estdp.errors import BackendUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("auto", "numpy", "cupy")
+BACKEND_NAMES = ("auto", "numpy", "native", "cupy")
 
 _cupy: ModuleType | None
 _cupy_error: BaseException | None
@@ -42,6 +49,10 @@ class Backend:
     def is_gpu(self) -> bool:
         return self.name == "cupy"
 
+    @property
+    def is_native(self) -> bool:
+        return self.name == "native"
+
 
 def _cupy_usable() -> tuple[bool, str]:
     if _cupy is None:
@@ -61,18 +72,26 @@ def resolve_backend(name: str = "auto") -> Backend:
     Parameters
     ----------
     name
-        ``"numpy"``, ``"cupy"`` or ``"auto"`` (cupy when a GPU is usable, else numpy).
+        ``"numpy"``, ``"native"``, ``"cupy"`` or ``"auto"`` (cupy when a GPU is usable,
+        else native when C kernels build, else numpy).
 
     Raises
     ------
     BackendUnavailable
-        ``"cupy"`` was asked for explicitly and cannot be used; the message says why.
+        ``"cupy"`` or ``"native"`` was asked for explicitly and cannot be used; the
+        message says why.
     """
     if name not in BACKEND_NAMES:
         raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "numpy":
         log.info("array backend: numpy (requested)")
         return Backend("numpy", np)
+    if name == "native":
+        ok, why = native.usable()
+        if not ok:
+            raise BackendUnavailable(f"backend 'native' requested but unavailable: {why}")
+        log.info("array backend: native (requested; %s)", why)
+        return Backend("native", np)
     usable, why = _cupy_usable()
     if name == "cupy":
         if not usable:
@@ -82,7 +101,11 @@ def resolve_backend(name: str = "auto") -> Backend:
     if usable:
         log.info("array backend: cupy (auto; %s)", why)
         return Backend("cupy", _cupy)  # type: ignore[arg-type]
-    log.info("array backend: numpy (auto; %s)", why)
+    native_ok, native_why = native.usable()
+    if native_ok:
+        log.info("array backend: native (auto; %s; %s)", why, native_why)
+        return Backend("native", np)
+    log.info("array backend: numpy (auto; %s; %s)", why, native_why)
     return Backend("numpy", np)
 
 
