@@ -22,6 +22,25 @@ parameters unlike the others' is logged and dropped; the daemon keeps serving.
 
 The merge itself is one call, :func:`default_merge` (``aggregator.merge.merge``), passed
 in as ``merge_fn`` so tests and simulations can swap it.
+
+Upstream mode (hierarchical aggregation, ``config.upstream``): a *site* aggregator serves
+its own fleet exactly as above, except for where its rounds come from and where its merge
+goes. It is also an ordinary node, ``<site-id>``, of a root fleet (over a second channel,
+possibly to another broker)::
+
+    root round   the root's RoundAnnouncement(r) on estdp/<root>/round opens the site's
+                 next round for its own nodes (deadline: the site's, at most the root's)
+    forward      the site merge is sent as SubModelUpdate(<site-id>, r, site model,
+                 root session) on estdp/<root>/nodes/<site-id>/update, retained; the round
+                 is ``forwarded`` (stored before it is sent)
+    deliver      the root's GlobalModel(r) is published on estdp/<site>/global as the
+                 site round's global model (the site's session, the root's ``contains``),
+                 so the site's nodes install the root model; then the round is merged
+
+The root aggregator is an unmodified aggregator with K = the number of sites. If the
+root moves on while a site round is open (a newer root round is announced), the open
+round is pointed at it; if the root's global model for the round arrives before the
+site has forwarded (the root merged without this site), it is delivered all the same.
 """
 
 from __future__ import annotations
@@ -37,7 +56,7 @@ from typing import Any
 
 from aggregator.state import AggregatorState
 from estdp import protocol
-from estdp.errors import ConfigError, MergeError
+from estdp.errors import ConfigError, MergeError, TransportError
 from estdp.model import SubModel
 from estdp.params import NetworkParams
 from estdp.protocol import (
@@ -47,7 +66,8 @@ from estdp.protocol import (
     SubModelUpdate,
     new_session,
 )
-from estdp.topics import Topics
+from estdp.topics import Topics, validate_id
+from estdp.transport import Will
 from estdp.transport.channel import Channel, Received
 
 log = logging.getLogger(__name__)
@@ -55,6 +75,33 @@ log = logging.getLogger(__name__)
 # merge_fn(models, target, metric, *, round_id) -> (merged model, report)
 MergeFn = Callable[..., tuple[SubModel, Any]]
 EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Where a site aggregator forwards its site model.
+
+    Parameters
+    ----------
+    site_id
+        This site's node id in the root fleet (the root's ACL binds it like a node's).
+    fleet
+        The root fleet (``estdp/<fleet>/``), on the upstream channel's broker.
+    """
+
+    site_id: str
+    fleet: str = "default"
+
+    def __post_init__(self) -> None:
+        validate_id(self.site_id, "site id")
+        validate_id(self.fleet, "upstream fleet")
+
+    def will(self) -> Will:
+        """The upstream connection's last will: the site, as a node of the root, offline."""
+        payload = protocol.encode(
+            NodeStatus(self.site_id, "offline", -1, time.time(), "connection lost")
+        )
+        return Will(Topics(self.fleet).status(self.site_id), payload, qos=1, retain=True)
 
 
 @dataclass(frozen=True)
@@ -83,6 +130,9 @@ class AggregatorConfig:
         Weight encoding of the published global model.
     fleet
         Topic prefix ``estdp/<fleet>/``.
+    upstream
+        Run as a site aggregator forwarding to this root fleet (None: a flat or root
+        aggregator, which opens its own rounds).
     """
 
     nodes: int
@@ -95,6 +145,7 @@ class AggregatorConfig:
     continue_from_global: bool = True
     weight_encoding: str = "float32"
     fleet: str = "default"
+    upstream: UpstreamConfig | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.target < 1 or self.neurons_per_node < 1:
@@ -107,6 +158,11 @@ class AggregatorConfig:
             )
         if self.rounds < 0:
             raise ConfigError("--rounds must be >= 0")
+        if self.upstream is not None and self.upstream.fleet == self.fleet:
+            # The site would read its own announcements as the root's.
+            raise ConfigError(
+                f"--upstream-fleet must differ from --fleet (both are {self.fleet!r})"
+            )
 
     @property
     def quorum(self) -> int:
@@ -165,6 +221,9 @@ class AggregatorDaemon:
         Receives one dict per notable event (the CLI prints them as JSON lines).
     clock
         Wall clock (seconds since the epoch) for deadlines.
+    upstream
+        Upstream mode: a channel to the root fleet's broker, connected with
+        ``config.upstream.will()`` (required when ``config.upstream`` is set).
     """
 
     def __init__(
@@ -176,7 +235,10 @@ class AggregatorDaemon:
         *,
         events: EventSink | None = None,
         clock: Callable[[], float] = time.time,
+        upstream: Channel | None = None,
     ) -> None:
+        if (config.upstream is None) != (upstream is None):
+            raise ConfigError("upstream mode needs both an upstream config and its channel")
         self.config = config
         self.channel = channel
         self.state = state
@@ -189,6 +251,12 @@ class AggregatorDaemon:
         self._reference: tuple[int, int, NetworkParams] | None = None
         self.node_status: dict[str, str] = {}
         self.done = False
+        self.upstream = upstream
+        self.root_topics = Topics(config.upstream.fleet) if config.upstream else None
+        self._upstream_connects_seen = 0
+        # The latest root announcement and global model seen (upstream mode).
+        self._root_round: RoundAnnouncement | None = None
+        self._root_global: GlobalModel | None = None
 
     # ---- life cycle ---------------------------------------------------------------------
 
@@ -198,9 +266,13 @@ class AggregatorDaemon:
         transport.subscribe(self.topics.all_updates, qos=1)
         transport.subscribe(self.topics.all_status, qos=1)
         self._connects_seen = transport.connects
+        if self.upstream is not None:
+            self._start_upstream()
         current = self.state.current
         if current is None:
-            self._open_round(1)
+            if self.upstream is None:
+                self._open_round(1)
+            # else: the root's (retained) announcement opens the first round
         elif current.phase == "open":
             log.info(
                 "resuming round %d with %d stored update(s)",
@@ -210,6 +282,11 @@ class AggregatorDaemon:
             self._emit("resumed", round=current.round_id, received=self.state.received())
             self._announce(current.announcement)
             self._maybe_merge()
+        elif current.phase == "forwarded":
+            log.info("resuming round %d: the site model waits for the root", current.round_id)
+            self._emit("resumed", round=current.round_id, phase=current.phase)
+            self._announce(current.announcement)
+            self._send_forwarded()
         else:
             self._republish_global()
             self._next_round()
@@ -217,49 +294,80 @@ class AggregatorDaemon:
     def run(self, stop: threading.Event, poll_s: float = 0.1) -> int:
         """Serve until ``stop`` is set or the configured rounds are done; 0 on success."""
         self.start()
-        while not stop.is_set() and not self.done:
-            self.step(poll_s)
+        try:
+            while not stop.is_set() and not self.done:
+                self.step(poll_s)
+        finally:
+            if self.upstream is not None:
+                # A clean close sends no will: say goodbye to the root ourselves.
+                self._site_status("offline", "stopped", wait=True)
         return 0
 
     def step(self, timeout: float = 0.1) -> None:
         """One receive-and-react step: a message (if any), reconnect and deadline checks."""
         for received in self.channel.poll_batch(timeout):
             self._handle(received)
+        if self.upstream is not None and self.upstream is not self.channel:
+            for received in self.upstream.poll_batch(0):
+                self._handle(received)
         transport = self.channel.transport
         if transport.connects > self._connects_seen:
             self._connects_seen = transport.connects
             self._after_reconnect()
+        if self.upstream is not None:
+            upstream = self.upstream.transport
+            if upstream.connects > self._upstream_connects_seen:
+                self._upstream_connects_seen = upstream.connects
+                self._after_upstream_reconnect()
         self._maybe_merge()
 
     # ---- rounds -------------------------------------------------------------------------
 
-    def _open_round(self, round_id: int) -> None:
+    def _open_round(self, round_id: int, root: RoundAnnouncement | None = None) -> None:
+        """Open round ``round_id``; a site aggregator passes the root round it serves."""
         cfg = self.config
         now = self.clock()
         # One session per state directory: later rounds keep the first round's id.
         current = self.state.current
         session = current.announcement.session if current else ""
+        deadline = now + cfg.deadline_s
+        continue_from_global = cfg.continue_from_global and round_id > 1
+        if root is not None:
+            # A site round that outlasts its root round would forward too late to count.
+            deadline = min(deadline, root.deadline_unix)
+            continue_from_global = continue_from_global and root.continue_from_global
         announcement = RoundAnnouncement(
             round_id=round_id,
             neurons_per_node=cfg.neurons_per_node,
             target_size=cfg.target,
             metric=cfg.metric,
-            deadline_unix=now + cfg.deadline_s,
+            deadline_unix=deadline,
             expected_nodes=cfg.nodes,
             min_nodes=cfg.quorum,
-            continue_from_global=cfg.continue_from_global and round_id > 1,
+            continue_from_global=continue_from_global,
             issued_unix=now,
             session=session or new_session(),
         )
-        self.state.open_round(announcement)
+        if root is None:
+            self.state.open_round(announcement)
+        else:
+            self.state.open_round(announcement, root.session, root.round_id)
         self._warned_quorum = False
         self._announce(announcement)
+        upstream = {} if root is None else {"root_round": root.round_id}
         self._emit(
             "round_open",
             round=round_id,
             deadline_unix=announcement.deadline_unix,
             expected=cfg.nodes,
+            **upstream,
         )
+        if root is not None:
+            self._site_status("training", f"site round {round_id}", root.round_id)
+            root_global = self._root_global
+            if root_global is not None and self._serves(root_global.session, root_global.round_id):
+                # The root merged this round before we joined it: pass its model on now.
+                self._deliver(root_global)
 
     def _announce(self, announcement: RoundAnnouncement) -> None:
         self.channel.send(self.topics.round, announcement, retain=True)
@@ -270,7 +378,12 @@ class AggregatorDaemon:
             self.done = True
             self._emit("done", rounds=last)
             return
-        self._open_round(last + 1)
+        if self.upstream is None:
+            self._open_round(last + 1)
+        elif self._root_round is not None and self._is_new_root_round(self._root_round):
+            # The root announced its next round while this one waited for its model.
+            self._open_round(last + 1, self._root_round)
+        # else: the next root announcement opens it
 
     def _after_reconnect(self) -> None:
         # The broker may have restarted without its retained messages.
@@ -278,7 +391,7 @@ class AggregatorDaemon:
         log.info("reconnected: publishing the round state again")
         if current is None:
             return
-        if current.phase == "open":
+        if current.phase in ("open", "forwarded"):
             self._announce(current.announcement)
         else:
             self._republish_global()
@@ -292,6 +405,15 @@ class AggregatorDaemon:
 
     def _handle(self, received: Received) -> None:
         message = received.message
+        root = self.root_topics
+        if root is not None and received.topic in (root.round, root.global_model):
+            if isinstance(message, RoundAnnouncement) and received.topic == root.round:
+                self._on_root_round(message)
+            elif isinstance(message, GlobalModel) and received.topic == root.global_model:
+                self._on_root_global(message)
+            else:
+                log.debug("ignoring a %s message on %s", type(message).__name__, received.topic)
+            return
         if isinstance(message, SubModelUpdate):
             self._on_update(received.topic, message, received.payload)
         elif isinstance(message, NodeStatus):
@@ -415,6 +537,10 @@ class AggregatorDaemon:
             return
         merge_seconds = time.perf_counter() - t0
         metrics = {"merge_seconds": merge_seconds, **report_metrics(report)}
+        if self.upstream is not None:
+            images = sum(int(u.images_seen) for u in updates.values())
+            self._forward(announcement, merged, node_ids, metrics, images, why)
+            return
         message = GlobalModel(
             announcement.round_id, merged, node_ids, metrics, announcement.session
         )
@@ -440,6 +566,199 @@ class AggregatorDaemon:
             packets=packets,
         )
         self._next_round()
+
+    # ---- upstream mode: a site of a root fleet -------------------------------------------
+
+    def _start_upstream(self) -> None:
+        assert self.upstream is not None and self.root_topics is not None
+        transport = self.upstream.transport
+        transport.subscribe(self.root_topics.round, qos=1)
+        transport.subscribe(self.root_topics.global_all, qos=1)
+        self._upstream_connects_seen = transport.connects
+        self._site_status("online")
+
+    def _serves(self, session: str, root_round: int) -> bool:
+        """Whether the current site round serves root round ``root_round`` of ``session``."""
+        current = self.state.current
+        return (
+            current is not None
+            and current.upstream_session == session
+            and current.upstream_round == root_round
+        )
+
+    def _is_new_root_round(self, root: RoundAnnouncement) -> bool:
+        """Whether ``root`` is later than the root round the current site round serves
+        (a new root session counts as later: its rounds start again at 1)."""
+        current = self.state.current
+        if current is None:
+            return True
+        if root.session != current.upstream_session:
+            return True
+        return root.round_id > current.upstream_round
+
+    def _on_root_round(self, root: RoundAnnouncement) -> None:
+        self._root_round = root
+        if self.done or not self._is_new_root_round(root):
+            return  # a re-announcement of the round we serve, or an older one
+        current = self.state.current
+        if current is None or current.phase == "merged":
+            self._next_round()
+        elif current.phase == "open":
+            # The root moved on (it merged without us): the updates collected so far are
+            # not wasted, they go to the root's current round instead.
+            log.info(
+                "round %d now serves root round %d (was %d)",
+                current.round_id,
+                root.round_id,
+                current.upstream_round,
+            )
+            self.state.retarget(root.session, root.round_id)
+            self._emit("retargeted", round=current.round_id, root_round=root.round_id)
+        else:
+            # Forwarded, and the root announced a later round without the model of ours
+            # reaching us (lost with a broker's retained messages): our nodes keep the
+            # model they have, and the next site round serves the new root round.
+            log.warning(
+                "round %d: the root moved on to round %d before its model of round %d arrived",
+                current.round_id,
+                root.round_id,
+                current.upstream_round,
+            )
+            self.state.close_round()
+            self._emit("root_moved_on", round=current.round_id, root_round=root.round_id)
+            self._next_round()
+
+    def _on_root_global(self, message: GlobalModel) -> None:
+        self._root_global = message
+        current = self.state.current
+        if current is None or current.phase == "merged":
+            return
+        if self._serves(message.session, message.round_id):
+            self._deliver(message)
+
+    def _forward(
+        self,
+        announcement: RoundAnnouncement,
+        merged: SubModel,
+        node_ids: tuple[str, ...],
+        metrics: dict[str, float],
+        images: int,
+        why: str,
+    ) -> None:
+        """Send the site model upstream as this site's update of the root round."""
+        assert self.config.upstream is not None
+        current = self.state.current
+        assert current is not None
+        update = SubModelUpdate(
+            self.config.upstream.site_id,
+            current.upstream_round,
+            merged,
+            images,
+            {**metrics, "site_round": float(announcement.round_id), "site_nodes": len(node_ids)},
+            current.upstream_session,
+        )
+        payload = protocol.encode(update, weight_encoding=self.config.weight_encoding)
+        self.state.mark_forwarded(payload, merged, node_ids)
+        packets = self._send_forwarded()
+        log.info(
+            "round %d merged (%s): %d neurons from %s, forwarded to root round %d",
+            announcement.round_id,
+            why,
+            merged.n_neurons,
+            ", ".join(node_ids),
+            current.upstream_round,
+        )
+        self._emit(
+            "forwarded",
+            round=announcement.round_id,
+            root_round=current.upstream_round,
+            neurons=merged.n_neurons,
+            contains=list(node_ids),
+            reason=why,
+            merge_seconds=round(metrics["merge_seconds"], 4),
+            bytes=len(payload),
+            packets=packets,
+        )
+        self._site_status("online", f"site model of round {announcement.round_id} sent")
+        if self._root_global is not None and self._serves(
+            self._root_global.session, self._root_global.round_id
+        ):
+            self._deliver(self._root_global)  # the root did not wait for us
+
+    def _send_forwarded(self) -> int:
+        """(Re-)send the stored site model of the current round; packets published."""
+        assert self.upstream is not None and self.config.upstream is not None
+        payload = self.state.forwarded_payload()
+        if payload is None:
+            return 0
+        assert self.root_topics is not None
+        try:
+            return self.upstream.send(
+                self.root_topics.update(self.config.upstream.site_id), payload, retain=True
+            )
+        except TransportError as exc:
+            # Stored: sent again after the upstream connection comes back.
+            log.warning("the site model is not acknowledged upstream yet (%s)", exc)
+            return 0
+
+    def _deliver(self, root: GlobalModel) -> None:
+        """Publish the root's global model as the current site round's global model."""
+        current = self.state.current
+        assert current is not None
+        message = GlobalModel(
+            current.round_id,
+            root.model,
+            root.contains,
+            {**root.metrics, "root_round": float(root.round_id)},
+            current.announcement.session,
+        )
+        payload = protocol.encode(message, weight_encoding=self.config.weight_encoding)
+        packets = self.channel.send(self.topics.global_model, payload, retain=True)
+        forwarded = current.phase == "forwarded"
+        self.state.mark_merged(payload, root.model, root.contains)
+        log.info(
+            "round %d: the root's model of round %d (%d neurons from %s) published to the site",
+            current.round_id,
+            root.round_id,
+            root.model.n_neurons,
+            ", ".join(root.contains),
+        )
+        self._emit(
+            "global",
+            round=current.round_id,
+            root_round=root.round_id,
+            neurons=root.model.n_neurons,
+            contains=list(root.contains),
+            reason="root model" if forwarded else "root model (the root merged without us)",
+            bytes=len(payload),
+            packets=packets,
+        )
+        self._next_round()
+
+    def _after_upstream_reconnect(self) -> None:
+        # The root broker may have lost the retained site model with a restart.
+        current = self.state.current
+        log.info("upstream reconnected: status and site model published again")
+        self._site_status("training" if current and current.phase == "open" else "online")
+        if current is not None and current.phase == "forwarded":
+            self._send_forwarded()
+
+    def _site_status(
+        self, state: str, detail: str = "", round_id: int | None = None, *, wait: bool = False
+    ) -> None:
+        """This site's status in the root fleet, retained, like a node's."""
+        if self.upstream is None or self.config.upstream is None or self.root_topics is None:
+            return
+        current = self.state.current
+        rid = (current.upstream_round if current else 0) if round_id is None else round_id
+        site = self.config.upstream.site_id
+        message = NodeStatus(site, state, rid, self.clock(), detail)
+        try:
+            self.upstream.send(
+                self.root_topics.status(site), message, retain=True, wait=wait, timeout=2.0
+            )
+        except TransportError as exc:
+            log.warning("site status %r not published upstream: %s", state, exc)
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.events({"event": event, "time_unix": round(self.clock(), 3), **fields})

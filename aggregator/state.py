@@ -6,6 +6,8 @@ Layout of the state directory::
     rounds/<R>/updates/<node>.msg      each accepted update, as the bytes that arrived
     rounds/<R>/global.msg              the published global model message
     rounds/<R>/global.estdp            the same model as a model file, for people
+    rounds/<R>/forwarded.msg           a site aggregator's site model, as sent upstream
+    rounds/<R>/site.estdp              the same site model as a model file
 
 Every file is written atomically (:mod:`estdp.atomic`): a crash leaves the old file or
 the new one, never half of one. An update is on disk before it counts, and the directory
@@ -14,13 +16,18 @@ it. Files are decoded again when loaded, so a damaged file is reported and skipp
 never merged. ``state.json`` is rewritten when a round opens and when it is merged; a
 crash between the global model's publication and that rewrite only means the merge is
 done again after the restart, with the same updates.
+
+A *site* aggregator (``aggregator.daemon``, upstream mode) has one more phase between
+the two: ``forwarded``, its site model sent upstream and the root's global model not yet
+back. Each of its rounds also records the root round it serves (``upstream_session``,
+``upstream_round``), so that a restart re-sends the site model to the right round.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,9 @@ from estdp.topics import is_valid_id
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-PHASES = ("open", "merged")
+# "open": collecting updates; "forwarded": a site model sent upstream, waiting for the
+# root's global model; "merged": the round's global model published to the fleet.
+PHASES = ("open", "forwarded", "merged")
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,11 @@ class RoundState:
     """The aggregator's current round."""
 
     announcement: RoundAnnouncement
-    phase: str = "open"  # "open": collecting updates; "merged": global model published
-    contains: tuple[str, ...] = ()  # node ids in the published global model
+    phase: str = "open"
+    contains: tuple[str, ...] = ()  # node ids in the published global (or forwarded) model
+    # Upstream mode only: the root round this site round serves ("" and 0 otherwise).
+    upstream_session: str = ""
+    upstream_round: int = 0
 
     @property
     def round_id(self) -> int:
@@ -103,19 +115,25 @@ class AggregatorState:
                 raise ValueError(f"unknown phase {phase!r}")
             announcement = RoundAnnouncement(**record["announcement"])
             contains = tuple(record.get("contains", ()))
+            # Absent from the state of a flat aggregator (and of earlier versions).
+            upstream_session = str(record.get("upstream_session", ""))
+            upstream_round = int(record.get("upstream_round", 0))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
                 f"cannot read the aggregator state {self.state_file}: {exc}"
             ) from None
-        return RoundState(announcement, phase, contains)
+        return RoundState(announcement, phase, contains, upstream_session, upstream_round)
 
     def _save(self, state: RoundState) -> None:
-        record = {
+        record: dict[str, Any] = {
             "version": STATE_VERSION,
             "phase": state.phase,
             "announcement": asdict(state.announcement),
             "contains": list(state.contains),
         }
+        if state.upstream_session or state.upstream_round:
+            record["upstream_session"] = state.upstream_session
+            record["upstream_round"] = state.upstream_round
         atomic_write_text(self.state_file, json.dumps(record, indent=1, sort_keys=True) + "\n")
         self.current = state
 
@@ -126,12 +144,25 @@ class AggregatorState:
 
     # ---- transitions ----------------------------------------------------------------------
 
-    def open_round(self, announcement: RoundAnnouncement) -> RoundState:
-        """Start ``announcement``'s round (its update directory is created empty)."""
+    def open_round(
+        self, announcement: RoundAnnouncement, upstream_session: str = "", upstream_round: int = 0
+    ) -> RoundState:
+        """Start ``announcement``'s round (its update directory is created empty); a site
+        aggregator also names the root round it serves."""
         self._updates_dir(announcement.round_id).mkdir(parents=True, exist_ok=True)
-        state = RoundState(announcement)
+        state = RoundState(
+            announcement, upstream_session=upstream_session, upstream_round=upstream_round
+        )
         self._save(state)
         return state
+
+    def retarget(self, upstream_session: str, upstream_round: int) -> None:
+        """Point the open round at a newer root round (the root moved on while it was open)."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        self._save(
+            replace(self.current, upstream_session=upstream_session, upstream_round=upstream_round)
+        )
 
     def add_update(self, node_id: str, payload: bytes) -> bool:
         """Store an accepted update of the current round; False if ``node_id`` already
@@ -182,7 +213,35 @@ class AggregatorState:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / "global.msg", global_payload)
         save_model(model, directory / "global.estdp")
-        self._save(RoundState(self.current.announcement, "merged", tuple(contains)))
+        self._save(replace(self.current, phase="merged", contains=tuple(contains)))
+
+    def mark_forwarded(
+        self, update_payload: bytes, model: SubModel, contains: tuple[str, ...]
+    ) -> None:
+        """Record the site model sent upstream for the current round (a site aggregator);
+        written before it is sent, so that a restart can send it again."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        directory = self.round_dir(self.current.round_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / "forwarded.msg", update_payload)
+        save_model(model, directory / "site.estdp")
+        self._save(replace(self.current, phase="forwarded", contains=tuple(contains)))
+
+    def close_round(self) -> None:
+        """Close the current round without a global model of its own (a site whose root
+        moved on before sending its model back): the fleet keeps the model it has."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        self._save(replace(self.current, phase="merged"))
+
+    def forwarded_payload(self, round_id: int | None = None) -> bytes | None:
+        """The site model message sent upstream in a round (default: the current one)."""
+        rid = self.last_round_id if round_id is None else round_id
+        try:
+            return (self.round_dir(rid) / "forwarded.msg").read_bytes()
+        except OSError:
+            return None
 
     def global_payload(self, round_id: int | None = None) -> bytes | None:
         """The published global model message of a round (default: the current one)."""
@@ -195,8 +254,11 @@ class AggregatorState:
 
     def summary(self) -> dict[str, Any]:
         cur = self.current
-        return {
+        out: dict[str, Any] = {
             "round": cur.round_id if cur else 0,
             "phase": cur.phase if cur else "none",
             "received": self.received(),
         }
+        if cur is not None and cur.upstream_round:
+            out["upstream_round"] = cur.upstream_round
+        return out

@@ -17,6 +17,14 @@ breaks things:
 - it stops the fleet when the global model of the last round has arrived; the baseline
   may train on while the fleet's models are scored (:meth:`Fleet.wait_baseline`).
 
+Hierarchical aggregation (``sites`` >= 2): the boards are split into contiguous groups,
+one per site. Each site is its own fleet (``<fleet>.site-<i>``) on the same broker, with
+its own site aggregator (``estdp aggregator --upstream-fleet <fleet>``), which merges its
+boards and forwards the site model to the root aggregator (``--nodes`` = the number of
+sites) on ``<fleet>``; the root's global model comes back down through each site. One
+observer follows each fleet. The run ends when every live board has installed the last
+round's root model (or a short grace period has passed).
+
 Time accounting: a board's *device seconds* are the CPU seconds its process spent from
 the start of its training to its update (read from ``/proc``), divided by its profile's
 speed: the time the board would take on its own processor. Five boards sharing two host
@@ -37,11 +45,12 @@ from typing import Any
 import numpy as np
 
 from estdp.errors import ConfigError, EstdpError
-from estdp.topics import Topics
+from estdp.topics import Topics, validate_id
 from estdp.transport import TransportConfig, parse_broker_url
 from firmware_sim import partitions, procs, shards
 from firmware_sim.display import Display
 from firmware_sim.faults import Fault, due_faults
+from firmware_sim.observer import SOURCE as OBSERVER
 from firmware_sim.observer import Observer
 from firmware_sim.profiles import DeviceProfile, NetworkProfile, check_fits
 from firmware_sim.state import FleetState, NodeState
@@ -49,6 +58,9 @@ from firmware_sim.state import FleetState, NodeState
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+# How long a hierarchical run waits, after the root's last global model, for the sites to
+# hand it down to every live board.
+INSTALL_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -82,10 +94,59 @@ class FleetConfig:
     overrides: tuple[str, ...] = ()
     timeout_s: float = 3600.0
     node_test_images: int = 200  # each board's local evaluation of the global model
+    sites: int = 1  # >= 2: hierarchical aggregation over this many sites
+    site_target: int | None = None  # neurons of each site model (None: site_target_for)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sites <= self.nodes:
+            raise ConfigError(f"--sites must be in 1..{self.nodes} (the nodes), got {self.sites}")
+        if self.site_target is not None and self.sites < 2:
+            raise ConfigError("--site-target needs --sites 2 or more")
+        for site in self.site_ids():
+            validate_id(self.site_fleet(site), "site fleet")
 
     def node_ids(self) -> list[str]:
         width = len(str(self.nodes))
         return [f"node-{i + 1:0{width}d}" for i in range(self.nodes)]
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.sites >= 2
+
+    def site_ids(self) -> list[str]:
+        """The sites' ids, which are also their node ids in the root fleet ([] if flat)."""
+        if not self.hierarchical:
+            return []
+        width = len(str(self.sites))
+        return [f"site-{i + 1:0{width}d}" for i in range(self.sites)]
+
+    def site_nodes(self) -> dict[str, list[str]]:
+        """Site id -> its boards: contiguous groups of the node ids, sizes within one."""
+        ids = self.node_ids()
+        groups = np.array_split(np.arange(len(ids)), max(self.sites, 1))
+        return {
+            site: [ids[i] for i in group]
+            for site, group in zip(self.site_ids(), groups, strict=False)
+        }
+
+    def site_fleet(self, site: str) -> str:
+        """The fleet (topic prefix) of one site's boards and site aggregator."""
+        return f"{self.fleet}.{site}"
+
+    def fleet_of(self, node_id: str) -> str:
+        """The fleet a board talks to: its site's, or the root fleet when flat."""
+        for site, nodes in self.site_nodes().items():
+            if node_id in nodes:
+                return self.site_fleet(site)
+        return self.fleet
+
+    def site_target_for(self, site: str) -> int:
+        """Neurons of a site's model: ``site_target``, or by default twice the site's share
+        of the global target, so that the root still chooses among alike neurons across
+        sites; never more than the site's boards hold together."""
+        held = len(self.site_nodes()[site]) * self.neurons
+        wanted = self.site_target or max(self.neurons, -(-2 * self.target // self.sites))
+        return min(held, wanted)
 
     def params_args(self) -> list[str]:
         """The network-parameter flags, passed on to every child process."""
@@ -117,6 +178,10 @@ class FleetOutcome:
     faults_fired: list[str]
     elapsed: float
     broker: str
+    installed: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> node -> file
+    # Hierarchical runs: round -> site -> saved site model (the site's update to the root).
+    site_updates: dict[int, dict[str, Path]] = field(default_factory=dict)
+    sites: dict[str, list[str]] = field(default_factory=dict)  # site -> its boards
 
 
 def default_deadline(config: FleetConfig, shard_images: int) -> float:
@@ -148,6 +213,8 @@ class Fleet:
         self.broker: Any = None
         self.broker_url = config.broker_url or ""
         self.observer: Observer | None = None
+        self.site_observers: dict[str, Observer] = {}
+        self._install_deadline: float | None = None
         self._t0 = time.monotonic()
         self._fired: set[int] = set()
         self._pending: list[tuple[float, str]] = []  # (monotonic time, what to start)
@@ -172,6 +239,7 @@ class Fleet:
             faults_fired=[],
             elapsed=0.0,
             broker="",
+            sites=config.site_nodes(),
         )
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -216,21 +284,37 @@ class Fleet:
         self.outcome.broker = f"embedded {self.broker.kind} at {self.broker.url}"
         self._note(f"broker: embedded {self.broker.kind} at {self.broker.url}")
 
-    def _transport_config(self) -> TransportConfig:
+    def _transport_config(self, fleet: str | None = None) -> TransportConfig:
         fields = parse_broker_url(self.broker_url)
-        return TransportConfig(client_id=f"estdp-sim-observer-{self.config.fleet}", **fields)  # type: ignore[arg-type]
+        name = fleet or self.config.fleet
+        return TransportConfig(client_id=f"estdp-sim-observer-{name}", **fields)  # type: ignore[arg-type]
 
-    def _common_args(self) -> list[str]:
-        return ["--broker", self.broker_url, "--fleet", self.config.fleet]
+    def _common_args(self, fleet: str | None = None) -> list[str]:
+        return ["--broker", self.broker_url, "--fleet", fleet or self.config.fleet]
+
+    def root_deadline(self) -> float:
+        """The root's round deadline: a site's, plus time for the sites to merge and forward
+        (site rounds end at the root's deadline at the latest)."""
+        assert self._deadline_s is not None
+        if not self.config.hierarchical:
+            return self._deadline_s
+        return self._deadline_s + max(30.0, self._deadline_s / 2)
 
     def aggregator_argv(self) -> list[str]:
+        """The root aggregator (the only one of a flat fleet)."""
         cfg = self.config
+        if cfg.hierarchical:
+            # Its "nodes" are the sites, each sending one site model.
+            expected = cfg.sites
+            neurons = max(cfg.site_target_for(s) for s in cfg.site_ids())
+        else:
+            expected, neurons = cfg.nodes, cfg.neurons
         args = [
             *self._common_args(),
             "--nodes",
-            str(cfg.nodes),
+            str(expected),
             "--neurons",
-            str(cfg.neurons),
+            str(neurons),
             "--target",
             str(cfg.target),
             "--metric",
@@ -238,13 +322,47 @@ class Fleet:
             "--rounds",
             str(cfg.rounds),
             "--deadline",
-            f"{self._deadline_s:g}",
+            f"{self.root_deadline():g}",
             "--state",
             str(self.run_dir / "aggregator"),
             "--json",
         ]
-        if cfg.min_nodes is not None:
+        if cfg.min_nodes is not None and not cfg.hierarchical:
             args += ["--min-nodes", str(cfg.min_nodes)]
+        return procs.estdp_command("aggregator", *args)
+
+    def site_aggregator_argv(self, site: str) -> list[str]:
+        """A site aggregator: merges its boards, forwards upstream as node ``site``."""
+        cfg = self.config
+        boards = len(cfg.site_nodes()[site])
+        args = [
+            *self._common_args(cfg.site_fleet(site)),
+            "--upstream-fleet",
+            cfg.fleet,
+            "--site-id",
+            site,
+            # Same broker: the local connection needs a client id of its own.
+            "--client-id",
+            f"aggregator-{cfg.site_fleet(site)}",
+            "--nodes",
+            str(boards),
+            "--neurons",
+            str(cfg.neurons),
+            "--target",
+            str(cfg.site_target_for(site)),
+            "--metric",
+            cfg.metric,
+            "--rounds",
+            str(cfg.rounds),
+            "--deadline",
+            f"{self._deadline_s:g}",
+            "--state",
+            str(self.run_dir / f"aggregator-{site}"),
+            "--json",
+        ]
+        if cfg.min_nodes is not None:
+            # --min-nodes is a share of the whole fleet: each site asks for its share.
+            args += ["--min-nodes", str(max(1, -(-cfg.min_nodes * boards // cfg.nodes)))]
         return procs.estdp_command("aggregator", *args)
 
     def node_argv(self, index: int) -> list[str]:
@@ -261,7 +379,7 @@ class Fleet:
             "--",
         ]
         node = [
-            *self._common_args(),
+            *self._common_args(cfg.fleet_of(node_id)),
             "--node-id",
             node_id,
             "--data",
@@ -328,7 +446,20 @@ class Fleet:
                 self._transport_config(), cfg.fleet, self.events, self.models_dir
             )
             self.observer.start()
+            for site in cfg.site_ids():
+                fleet = cfg.site_fleet(site)
+                observer = Observer(
+                    self._transport_config(fleet),
+                    fleet,
+                    self.events,
+                    self.models_dir / site,
+                    source=f"{OBSERVER}:{site}",
+                )
+                observer.start()
+                self.site_observers[site] = observer
             self._add_proc("aggregator", self.aggregator_argv()).start()
+            for site in cfg.site_ids():
+                self._add_proc(f"aggregator-{site}", self.site_aggregator_argv(site)).start()
             self.state.aggregator = "up"
             for i, node_id in enumerate(self.node_ids):
                 self.state.nodes[node_id] = NodeState(
@@ -344,8 +475,9 @@ class Fleet:
                     "baseline", status="training", images_total=cfg.images
                 )
                 self._add_proc("baseline", self.baseline_argv()).start()
+            sites = f", {cfg.sites} site aggregators" if cfg.hierarchical else ""
             self._note(
-                f"started the aggregator, {cfg.nodes} nodes"
+                f"started the aggregator{sites}, {cfg.nodes} nodes"
                 + (" and the baseline" if cfg.baseline_neurons else "")
             )
             self._watch()
@@ -397,9 +529,31 @@ class Fleet:
                 base.wait(10.0)
             base.stop(timeout=5.0)
 
+    def _finished(self) -> bool:
+        """The last round's global model is here (and, in a hierarchy, on every live board
+        or the grace period is over)."""
+        if len(self.outcome.globals_) < self.config.rounds:
+            return False
+        if not self.config.hierarchical:
+            return True
+        if self._install_deadline is None:
+            self._install_deadline = time.monotonic() + INSTALL_GRACE_S
+        last = max(self.outcome.globals_)
+        installed = self.outcome.installed.get(last, {})
+        live = [
+            n for n, node in self.state.nodes.items() if node.status not in ("killed", "failed")
+        ]
+        if all(n in installed for n in live):
+            return True
+        if time.monotonic() > self._install_deadline:
+            missing = ", ".join(n for n in live if n not in installed)
+            self._note(f"round {last}: no install of the root model reported by {missing}")
+            return True
+        return False
+
     def _watch(self) -> None:
         deadline = self._t0 + self.config.timeout_s
-        while len(self.outcome.globals_) < self.config.rounds:
+        while not self._finished():
             if time.monotonic() > deadline:
                 raise EstdpError(
                     f"simulation timed out after {self.config.timeout_s:.0f} s "
@@ -436,10 +590,18 @@ class Fleet:
         kind = event.get("event")
         if source == "baseline":
             self._apply_baseline(event)
-        elif source == "observer":
+        elif source == OBSERVER:
+            if self.config.hierarchical and kind == "update":
+                self._on_site_update(event)  # the root fleet's "nodes" are the sites
+                return
             handler = getattr(self, f"_on_{kind}", None)
             if handler is not None:
                 handler(event)
+        elif source.startswith(f"{OBSERVER}:"):
+            # A site's fleet: its boards' updates, status and metrics. Its round and global
+            # messages mirror the root's, which the root observer already follows.
+            if kind in ("update", "status", "metrics"):
+                getattr(self, f"_on_{kind}")(event)
         elif source in self.state.nodes:
             self._apply_node(source, event)
 
@@ -464,6 +626,11 @@ class Fleet:
             node.images_done = done
             if node.status not in ("training", "killed"):
                 self._mark_training(node_id)
+        elif kind == "installed":
+            number = int(event.get("round", 0))
+            self.outcome.installed.setdefault(number, {})[node_id] = str(event.get("path") or "")
+            if node.status not in ("killed", "failed"):
+                node.status = "installed"
         elif kind == "error":
             self._note(f"{node_id}: {event.get('message')}")
 
@@ -498,7 +665,13 @@ class Fleet:
 
     def _on_round(self, event: dict[str, Any]) -> None:
         number = int(event["round"])
-        rnd = self.state.round_state(number, int(event.get("expected", self.config.nodes)))
+        # A round's arrivals are the boards' updates, in a hierarchy too (not the sites').
+        expected = (
+            self.config.nodes
+            if self.config.hierarchical
+            else int(event.get("expected", self.config.nodes))
+        )
+        rnd = self.state.round_state(number, expected)
         if rnd.started_at is None:
             rnd.started_at = self._elapsed()
             self._note(f"round {number} announced ({rnd.expected} nodes expected)")
@@ -544,6 +717,15 @@ class Fleet:
             node.train_seconds = wall
         self._note(f"round {number}: update from {node_id} ({event['neurons']} neurons)")
 
+    def _on_site_update(self, event: dict[str, Any]) -> None:
+        number, site = int(event["round"]), event["node"]
+        updates = self.outcome.site_updates.setdefault(number, {})
+        if site in updates:
+            return
+        if event.get("path"):
+            updates[site] = Path(event["path"])
+        self._note(f"round {number}: site model from {site} ({event['neurons']} neurons)")
+
     def _on_global(self, event: dict[str, Any]) -> None:
         number = int(event["round"])
         rnd = self.state.round_state(number, self.config.nodes)
@@ -587,6 +769,9 @@ class Fleet:
                     self.state.aggregator = "done"  # its rounds are done
                 elif self.state.aggregator != "killed":
                     raise EstdpError(f"the aggregator exited with status {code}: {proc.tail(3)}")
+            elif name.startswith("aggregator-"):
+                if code != 0:  # a site aggregator exits 0 once it has passed its rounds on
+                    raise EstdpError(f"{name} exited with status {code}: {proc.tail(3)}")
             elif name in self.state.nodes:
                 node = self.state.nodes[name]
                 if node.status != "killed":
@@ -643,18 +828,28 @@ class Fleet:
         for name in [n for n in self.procs if n != "baseline"]:
             self.procs[name].stop(timeout=10.0)
             self.procs[name].exit_reported = True  # stopped by us: not a failure
-        if self.observer is not None:
+        cfg = self.config
+        # Each fleet's observer, with the ids that publish updates in that fleet: the
+        # boards, or in a hierarchy the sites (in the root fleet) and each site's boards.
+        observers: list[tuple[str, Observer | None, list[str]]] = [
+            (cfg.fleet, self.observer, cfg.site_ids() if cfg.hierarchical else self.node_ids)
+        ]
+        for site, boards in cfg.site_nodes().items():
+            observers.append((cfg.site_fleet(site), self.site_observers.get(site), boards))
+        for fleet, observer, members in observers:
+            if observer is None:
+                continue
             if self.broker is None:
-                topics = Topics(self.config.fleet)
-                self.observer.clear_retained(
+                topics = Topics(fleet)
+                observer.clear_retained(
                     (
                         topics.round,
                         topics.global_model,
-                        *(topics.status(n) for n in self.node_ids),
-                        *(topics.update(n) for n in self.node_ids),
+                        *(topics.status(n) for n in members),
+                        *(topics.update(n) for n in members),
                     )
                 )
-            self.observer.stop()
+            observer.stop()
         if self.broker is not None:
             self.broker.close()
             self.state.broker = "stopped"

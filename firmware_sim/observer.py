@@ -100,8 +100,11 @@ class Observer:
         fleet: str,
         events: queue.Queue[tuple[str, dict[str, Any]]],
         models_dir: Path | None,
+        *,
+        source: str = SOURCE,
     ) -> None:
         self.topics = Topics(fleet)
+        self.source = source  # the tag of its events (one observer per fleet of a hierarchy)
         self.events = events
         self.models_dir = models_dir
         self.transport = mqtt_transport(config)
@@ -140,7 +143,7 @@ class Observer:
             event["retained"] = received.retained
             if received.retained:
                 self.retained_topics.add(received.topic)
-            self.events.put((SOURCE, event))
+            self.events.put((self.source, event))
 
     def clear_retained(self, extra: tuple[str, ...] = ()) -> None:
         """Delete the fleet's retained messages from the broker (an empty retained publish).

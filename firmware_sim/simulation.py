@@ -134,6 +134,8 @@ def _config_dict(config: FleetConfig, scoring: ScoringConfig) -> dict[str, Any]:
         "preset": config.preset,
         "overrides": list(config.overrides),
         "test_images": scoring.test_images,
+        "sites": config.sites,
+        "site_targets": {s: config.site_target_for(s) for s in config.site_ids()},
     }
 
 
@@ -167,6 +169,13 @@ def score_run(
         "faults_fired": outcome.faults_fired,
         "notes": [],
     }
+    if config.hierarchical:
+        results["sites"] = outcome.sites
+        results["notes"].append(
+            "hierarchical aggregation: each site-N row is that site aggregator's model of the "
+            "last round (its boards merged); 'merged' concatenates every board's sub-model; "
+            "'compressed' is the root's global model, merged from the site models"
+        )
     last = rounds[-1] if rounds else None
     updates = outcome.updates.get(last, {}) if last is not None else {}
     subs = {node: load_model(path) for node, path in sorted(updates.items())}
@@ -207,6 +216,16 @@ def score_run(
                 "images": outcome.shard_sizes.get(node),
             }
             futures.append((pool.score(node, path), "sub-model", path, extra))
+        site_updates = outcome.site_updates.get(last, {}) if last is not None else {}
+        for site, path in sorted(site_updates.items()):
+            boards = outcome.sites.get(site, [])
+            times = [device[n] for n in boards if n in device]
+            extra = {
+                "train_seconds": max(times) if times else None,
+                "sources": len(boards),
+                "nodes": boards,
+            }
+            futures.append((pool.score(site, path), "site-model", path, extra))
         if merged_path is not None:
             extra = {
                 "train_seconds": fleet_device,
@@ -263,9 +282,11 @@ def score_run(
             results["compression_curve"] = collect_curve()
     if not rounds:
         results["notes"].append("no global model arrived: nothing to score")
-    # Table order: sub-models, merged, the last round's compressed model, baseline.
+    # Table order: sub-models, site models (a hierarchy), merged, the last round's
+    # compressed model, baseline.
     compressed = [r for r in rows if r["kind"] == "compressed"]
-    table = [r for r in rows if r["kind"] in ("sub-model", "merged")] + compressed[-1:]
+    table = [r for r in rows if r["kind"] in ("sub-model", "site-model", "merged")]
+    table += compressed[-1:]
     table += [r for r in rows if r["kind"] == "baseline"]
     results["models"] = table
     results["rounds"] = [_round_row(outcome, config, r) for r in compressed]

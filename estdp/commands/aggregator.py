@@ -1,4 +1,10 @@
-"""``estdp aggregator``: announce rounds, collect the nodes' updates, merge, publish."""
+"""``estdp aggregator``: announce rounds, collect the nodes' updates, merge, publish.
+
+With ``--upstream-fleet`` it is a *site* aggregator (hierarchical aggregation): its
+rounds follow the root fleet's, its merge goes upstream as node ``--site-id`` of the
+root fleet, and the root's global model comes back down to its own nodes
+(:mod:`aggregator.daemon`, "Upstream mode").
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from aggregator.daemon import AggregatorConfig, AggregatorDaemon
+from aggregator.daemon import AggregatorConfig, AggregatorDaemon, UpstreamConfig
 from aggregator.state import AggregatorState
 from estdp.commands._common import non_negative_int, positive_int
 from estdp.commands._mqtt import add_broker_args, event_printer, open_channel, stop_on_sigterm
+from estdp.errors import ConfigError
 from estdp.protocol import WEIGHT_ENCODINGS, Limits
+from estdp.transport import parse_broker_url
+from estdp.transport.channel import Channel
 
 # The genetic search ("ga") needs labelled validation images the aggregator does not
 # hold; the similarity metrics need nothing but the models.
@@ -76,10 +85,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--client-id", default="aggregator", help="MQTT client id (default aggregator)"
     )
     add_broker_args(parser)
+    up = parser.add_argument_group(
+        "upstream (a site aggregator of a hierarchy)",
+        "Follow the rounds of a root fleet, forward the site model to it as node --site-id, "
+        "and pass its global model down. The upstream connection has its own identity: to "
+        "the root, the site is a node, so its certificate's CN (or username) is the site id.",
+    )
+    up.add_argument(
+        "--upstream-fleet",
+        metavar="FLEET",
+        default=None,
+        help="the root fleet; turns on upstream mode",
+    )
+    up.add_argument(
+        "--site-id",
+        default=None,
+        help="this site's node id in the root fleet (default: --fleet)",
+    )
+    up.add_argument(
+        "--upstream-broker",
+        metavar="URL",
+        default=None,
+        help="the root fleet's broker (default: --broker, e.g. a site broker bridged to it)",
+    )
+    up.add_argument(
+        "--upstream-ca",
+        metavar="PEM",
+        default=None,
+        help="CA of the upstream broker (default --ca)",
+    )
+    up.add_argument(
+        "--upstream-cert", metavar="PEM", default=None, help="upstream client certificate"
+    )
+    up.add_argument("--upstream-key", metavar="PEM", default=None, help="upstream client key")
+    up.add_argument("--upstream-username", default=None, help="upstream MQTT username")
+    up.add_argument(
+        "--upstream-password-file", metavar="FILE", default=None, help="upstream MQTT password"
+    )
+
+
+UPSTREAM_ONLY = (
+    "site_id",
+    "upstream_broker",
+    "upstream_ca",
+    "upstream_cert",
+    "upstream_key",
+    "upstream_username",
+    "upstream_password_file",
+)
+
+
+def upstream_config(args: argparse.Namespace) -> UpstreamConfig | None:
+    """The upstream settings from the flags (None without ``--upstream-fleet``)."""
+    if args.upstream_fleet is None:
+        stray = [f"--{name.replace('_', '-')}" for name in UPSTREAM_ONLY if getattr(args, name)]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)}: only with --upstream-fleet (upstream mode)")
+        return None
+    return UpstreamConfig(site_id=args.site_id or args.fleet, fleet=args.upstream_fleet)
+
+
+def open_upstream(args: argparse.Namespace, upstream: UpstreamConfig) -> Channel:
+    """Connect to the root fleet's broker as the site's node identity."""
+    broker = args.upstream_broker or args.broker
+    if parse_broker_url(broker) == parse_broker_url(args.broker) and args.client_id == (
+        upstream.site_id
+    ):
+        # One broker, two connections: the same client id would knock one off.
+        raise ConfigError(
+            f"--client-id {args.client_id} is the site id; give the local connection another"
+        )
+    fields = {
+        "broker": broker,
+        "fleet": upstream.fleet,
+        "ca": args.upstream_ca or args.ca,
+        "cert": args.upstream_cert,
+        "key": args.upstream_key,
+        "username": args.upstream_username,
+        "password_file": args.upstream_password_file,
+    }
+    return open_channel(
+        argparse.Namespace(**{**vars(args), **fields}), upstream.site_id, upstream.will()
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     stop = stop_on_sigterm()
+    upstream = upstream_config(args)
     config = AggregatorConfig(
         nodes=args.nodes,
         target=args.target,
@@ -91,11 +183,19 @@ def run(args: argparse.Namespace) -> int:
         continue_from_global=not args.fresh_each_round,
         weight_encoding=args.weight_encoding,
         fleet=args.fleet,
+        upstream=upstream,
     )
     state = AggregatorState(Path(args.state), Limits(max_message_bytes=args.max_message_bytes))
     channel = open_channel(args, args.client_id)
+    up_channel = None
     try:
-        daemon = AggregatorDaemon(config, channel, state, events=event_printer(args))
+        if upstream is not None:
+            up_channel = open_upstream(args, upstream)
+        daemon = AggregatorDaemon(
+            config, channel, state, events=event_printer(args), upstream=up_channel
+        )
         return daemon.run(stop)
     finally:
+        if up_channel is not None:
+            up_channel.transport.close()
         channel.transport.close()

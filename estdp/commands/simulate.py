@@ -62,6 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rounds; after the first, boards continue from the global model (default 1)",
     )
     fleet.add_argument(
+        "--sites",
+        type=positive_int,
+        default=1,
+        help="hierarchical aggregation: split the boards over this many sites, each with "
+        "its own fleet and site aggregator forwarding to a root aggregator (default 1: flat)",
+    )
+    fleet.add_argument(
+        "--site-target",
+        type=positive_int,
+        default=None,
+        help="neurons of each site model (default: twice the site's share of --target, "
+        "at most what its boards hold)",
+    )
+    fleet.add_argument(
         "--images",
         type=positive_int,
         default=30000,
@@ -93,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SPEC",
         help="inject a fault (repeatable): kill-node:2@r1:50%%, restart-node:1@30s+5, "
-        "restart-aggregator@r1:arrivals=2, restart-broker@20s",
+        "restart-aggregator@r1:arrivals=2 (the root aggregator with --sites), restart-broker@20s",
     )
     fleet.add_argument(
         "--deadline",
@@ -207,6 +221,8 @@ def fleet_config(args: argparse.Namespace, run_dir: Path) -> FleetConfig:
         overrides=tuple(args.overrides),
         timeout_s=args.timeout,
         node_test_images=args.node_test,
+        sites=args.sites,
+        site_target=args.site_target,
     )
     faults = tuple(parse_fault(f, config.node_ids()) for f in args.fault)
     if args.broker and any(f.action == "restart-broker" for f in faults):

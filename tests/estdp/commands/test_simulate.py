@@ -39,6 +39,21 @@ def test_flags_reach_the_fleet_config(tmp_path):
     assert config.baseline_neurons == 0 and config.fleet == "lab"
 
 
+def test_sites_split_the_boards_into_fleets_with_their_own_targets(tmp_path):
+    config = fleet_config(_args("--sites", "2", "--nodes", "5", "--fleet", "lab"), tmp_path)
+    assert config.site_nodes() == {
+        "site-1": ["node-1", "node-2", "node-3"],
+        "site-2": ["node-4", "node-5"],
+    }
+    assert config.fleet_of("node-4") == "lab.site-2" and config.site_fleet("site-1") == "lab.site-1"
+    # Twice a site's share of the 300-neuron target, at most what its boards hold.
+    assert [config.site_target_for(s) for s in config.site_ids()] == [300, 200]
+    custom = fleet_config(_args("--sites", "2", "--site-target", "120"), tmp_path)
+    assert custom.site_target_for("site-1") == 120
+    flat = fleet_config(_args(), tmp_path)
+    assert flat.site_ids() == [] and flat.fleet_of("node-1") == flat.fleet
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -48,6 +63,8 @@ def test_flags_reach_the_fleet_config(tmp_path):
         (["--fault", "restart-broker@1s", "--broker", "mqtt://127.0.0.1:1"], "embedded broker"),
         (["--min-nodes", "9"], "more than --nodes"),
         (["--nodes", "5", "--images", "3"], "cannot be split"),
+        (["--nodes", "3", "--sites", "4"], "--sites must be in 1..3"),
+        (["--site-target", "50"], "--site-target needs --sites"),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
