@@ -9,6 +9,7 @@ new directive in a shipped file cannot slip through untested.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import queue
@@ -17,6 +18,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,7 +37,8 @@ MOSQUITTO = shutil.which("mosquitto") or (
 FLEET = "lab"
 NODES = ("node-1", "node-2")
 # Identities issued by the fleet CA in the session PKI.
-IDENTITIES = ("aggregator", "operator", "bridge-site-a", *NODES, "node-revoked")
+# "site-a" is the upstream identity of site a's aggregator (a node of the root fleet).
+IDENTITIES = ("aggregator", "operator", "bridge-site-a", "site-a", *NODES, "node-revoked")
 PASSWORDS = {"node-pw": "correct horse battery staple", "aggregator": "aggregator-secret"}
 
 # Directives that name a file or directory; render_config maps each of their values.
@@ -263,6 +266,92 @@ def production_broker(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., Broker
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture
+def dev_broker(tmp_path: Path) -> Iterator[Broker]:
+    """deploy/broker/mosquitto-dev.conf as shipped, on a free loopback port."""
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed")
+    port = free_port()
+    conf = tmp_path / "dev" / "mosquitto-dev.conf"
+    conf.parent.mkdir(parents=True)
+    shipped = (DEPLOY / "broker" / "mosquitto-dev.conf").read_text()
+    conf.write_text(render_config(shipped, ports={1883: port}))
+    broker = Broker(conf=conf, ports={1883: port}, log=tmp_path / "dev" / "mosquitto.log")
+    yield broker.start()
+    broker.stop()
+
+
+@dataclass
+class Fleet:
+    """`estdp` processes of one test: started with their output in a log each, killed at
+    the end of the test if still running."""
+
+    dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, *args: object) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "estdp.cli", "--log-level", "INFO", *map(str, args)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def logs(self) -> str:
+        """The tail of every log under the test's directory (brokers' too), for failures."""
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+            for p in sorted(self.dir.rglob("*.log"))
+        )
+
+    def events(self, name: str) -> list[dict]:
+        """The JSON event lines a process printed (``--json``)."""
+        lines = (self.dir / f"{name}.log").read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not finish within {timeout:.0f} s\n{self.logs()}")
+
+    def installed_round(self, state: Path) -> int:
+        try:
+            return json.loads((state / "node.json").read_text()).get("installed_round", 0)
+        except (OSError, ValueError):
+            return 0
+
+    def wait_installed(self, states: list[Path], round_id: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(self.installed_round(s) == round_id for s in states):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the nodes did not install round {round_id}\n{self.logs()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def estdp_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A factory of `estdp` processes for this test (see :class:`Fleet`)."""
+    pytest.importorskip("aggregator.daemon", reason="the aggregator daemon is not in this tree")
+    pytest.importorskip("edge_node.daemon", reason="the node daemon is not in this tree")
+    fleet = Fleet(tmp_path)
+    yield fleet
+    fleet.stop()
 
 
 @dataclass
