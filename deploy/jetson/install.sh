@@ -187,11 +187,32 @@ else
 fi
 run install -d -m 0750 -o "$SVC_USER" -g "$SVC_USER" "$DATA"
 
+# ---- clock ------------------------------------------------------------------------------
+# The unit orders itself After=time-sync.target, which waits for nothing unless a service
+# such as systemd-time-wait-sync holds it back until NTP has set the clock; without it a
+# board without an RTC battery starts TLS in the past ("certificate is not yet valid").
+time_wait_sync=""
+for dir in /lib/systemd/system /usr/lib/systemd/system; do
+    [[ -e $dir/systemd-time-wait-sync.service ]] && time_wait_sync=1
+done
+if [[ -n $time_wait_sync ]]; then
+    run systemctl enable systemd-time-wait-sync.service
+else
+    log "warning: no systemd-time-wait-sync.service here; with chrony, enable chrony-wait.service so that time-sync.target waits for the clock"
+fi
+
 # ---- service ----------------------------------------------------------------------------
 run install -m 0644 "$REPO/deploy/systemd/estdp-node.service" "$UNIT_DIR/estdp-node.service"
 run systemctl daemon-reload
 run systemctl enable estdp-node.service
-if ((START)); then
+# The same test as the unit's ExecCondition: without training data the node cannot run.
+have_data=""
+if compgen -G "$DATA/train-images-idx3-ubyte*" >/dev/null && compgen -G "$DATA/train-labels-idx1-ubyte*" >/dev/null; then
+    have_data=1
+fi
+if ((START)) && [[ -z $have_data ]]; then
+    log "not starting estdp-node: no training data (train-images/train-labels IDX files) in $DATA yet; copy them there, then: systemctl start estdp-node"
+elif ((START)); then
     run systemctl restart estdp-node.service
 fi
 

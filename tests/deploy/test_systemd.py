@@ -115,7 +115,37 @@ def test_execstart_flags_are_accepted_by_the_cli(unit):
         except SystemExit as exc:  # argparse reports a bad flag by exiting
             pytest.fail(f"`estdp {' '.join(argv)}` is refused by the CLI (exit {exc.code})")
         assert args.verb == verb
-    assert len(variants) == (2 if verb == "node" else 1)
+    # node: the password login; aggregator: a site aggregator's upstream flags.
+    assert len(variants) == 2
+
+
+def systemd_words(command: str, env: dict[str, str]) -> list[str]:
+    """:func:`expand`, then systemd's escape: ``$$`` is a literal ``$``."""
+    return [word.replace("$$", "$") for word in expand(command, env)]
+
+
+def test_the_node_unit_skips_its_start_until_the_training_data_is_there(tmp_path):
+    # Restart=on-failure would retry a node without data every 10 s for ever: the unit's
+    # ExecCondition makes that a skipped start instead (exit 1..254), with one clear line.
+    unit = SYSTEMD / "estdp-node.service"
+    (command,) = values(unit, "Service", "ExecCondition")
+    env = {**read_env(SYSTEMD / "node.env.example"), "ESTDP_DATA": str(tmp_path / "data dir")}
+    argv = systemd_words(command, env)
+    data = tmp_path / "data dir"  # a space, to check the quoting
+    data.mkdir()
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    empty = check()
+    assert empty.returncode == 1, empty
+    assert empty.stderr.count("\n") == 1 and "no training data" in empty.stderr
+    assert str(data) in empty.stderr and "systemctl start estdp-node" in empty.stderr
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    assert check().returncode == 1  # the labels are missing still
+    (data / "train-labels-idx1-ubyte").write_bytes(b"")
+    ready = check()
+    assert ready.returncode == 0 and ready.stderr == "", ready
 
 
 def _verify(unit: Path) -> subprocess.CompletedProcess:
