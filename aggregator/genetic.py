@@ -288,10 +288,17 @@ def flat_images(images: np.ndarray, n_input: int) -> np.ndarray:
 
 
 def inference_backend(xp: ModuleType) -> Any:
-    """The :class:`estdp.backend.Backend` of an array module, for edge_node.workflow."""
+    """The :class:`estdp.backend.Backend` of an array module, for edge_node.workflow.
+
+    On the CPU that is the native C kernels when they build (the same spike counts as
+    NumPy in float64, several times faster), else NumPy.
+    """
+    from estdp import native
     from estdp.backend import Backend
 
-    return Backend("cupy" if getattr(xp, "__name__", "") == "cupy" else "numpy", xp)
+    if getattr(xp, "__name__", "") == "cupy":
+        return Backend("cupy", xp)
+    return Backend("native" if native.usable()[0] else "numpy", xp)
 
 
 def _accuracy(counts: np.ndarray, labels: np.ndarray, truth: np.ndarray) -> float:

@@ -34,7 +34,7 @@ def add_backend_arg(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKEND_NAMES,
         default="auto",
-        help="array backend: numpy, cupy, or auto (cupy when a GPU is usable; default)",
+        help="array backend: numpy, native (C kernels), cupy, or auto (cupy with a usable GPU, else native when a C compiler works, else numpy; default)",
     )
 
 
