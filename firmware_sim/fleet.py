@@ -341,9 +341,12 @@ class Fleet:
             cfg.fleet,
             "--site-id",
             site,
-            # Same broker: the local connection needs a client id of its own.
+            # Same broker for both connections, maybe shared with other runs: client ids
+            # unique to this run.
             "--client-id",
             f"aggregator-{cfg.site_fleet(site)}",
+            "--upstream-client-id",
+            f"{cfg.site_fleet(site)}-upstream",
             "--nodes",
             str(boards),
             "--neurons",

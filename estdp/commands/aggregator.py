@@ -15,11 +15,16 @@ from pathlib import Path
 from aggregator.daemon import AggregatorConfig, AggregatorDaemon, UpstreamConfig
 from aggregator.state import AggregatorState
 from estdp.commands._common import non_negative_int, positive_int
-from estdp.commands._mqtt import add_broker_args, event_printer, open_channel, stop_on_sigterm
+from estdp.commands._mqtt import (
+    add_broker_args,
+    event_printer,
+    open_channel,
+    stop_on_sigterm,
+    transport_config,
+)
 from estdp.errors import ConfigError
 from estdp.protocol import WEIGHT_ENCODINGS, Limits
 from estdp.transport import parse_broker_url
-from estdp.transport.channel import Channel
 
 # The genetic search ("ga") needs labelled validation images the aggregator does not
 # hold; the similarity metrics need nothing but the models.
@@ -120,6 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--upstream-key", metavar="PEM", default=None, help="upstream client key")
     up.add_argument("--upstream-username", default=None, help="upstream MQTT username")
     up.add_argument(
+        "--upstream-client-id",
+        default=None,
+        help="MQTT client id of the upstream connection (default: the site id)",
+    )
+    up.add_argument(
         "--upstream-password-file", metavar="FILE", default=None, help="upstream MQTT password"
     )
 
@@ -131,6 +141,7 @@ UPSTREAM_ONLY = (
     "upstream_cert",
     "upstream_key",
     "upstream_username",
+    "upstream_client_id",
     "upstream_password_file",
 )
 
@@ -145,28 +156,33 @@ def upstream_config(args: argparse.Namespace) -> UpstreamConfig | None:
     return UpstreamConfig(site_id=args.site_id or args.fleet, fleet=args.upstream_fleet)
 
 
-def open_upstream(args: argparse.Namespace, upstream: UpstreamConfig) -> Channel:
-    """Connect to the root fleet's broker as the site's node identity."""
-    broker = args.upstream_broker or args.broker
-    if parse_broker_url(broker) == parse_broker_url(args.broker) and args.client_id == (
-        upstream.site_id
-    ):
+def upstream_args(args: argparse.Namespace, upstream: UpstreamConfig) -> argparse.Namespace:
+    """The flags of the upstream connection, as the broker flags ``open_channel`` reads."""
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "broker": args.upstream_broker or args.broker,
+            "fleet": upstream.fleet,
+            "ca": args.upstream_ca or args.ca,
+            "cert": args.upstream_cert,
+            "key": args.upstream_key,
+            "username": args.upstream_username,
+            "password_file": args.upstream_password_file,
+            "client_id": args.upstream_client_id or upstream.site_id,
+        }
+    )
+
+
+def check_upstream(args: argparse.Namespace, up_args: argparse.Namespace) -> None:
+    """Refuse bad upstream flags before any connection is made."""
+    transport_config(up_args, up_args.client_id)  # URL, files, ids
+    same_broker = parse_broker_url(up_args.broker) == parse_broker_url(args.broker)
+    if same_broker and args.client_id == up_args.client_id:
         # One broker, two connections: the same client id would knock one off.
         raise ConfigError(
-            f"--client-id {args.client_id} is the site id; give the local connection another"
+            f"--client-id {args.client_id} would clash with the upstream client id; "
+            "give one another (--upstream-client-id)"
         )
-    fields = {
-        "broker": broker,
-        "fleet": upstream.fleet,
-        "ca": args.upstream_ca or args.ca,
-        "cert": args.upstream_cert,
-        "key": args.upstream_key,
-        "username": args.upstream_username,
-        "password_file": args.upstream_password_file,
-    }
-    return open_channel(
-        argparse.Namespace(**{**vars(args), **fields}), upstream.site_id, upstream.will()
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,12 +201,16 @@ def run(args: argparse.Namespace) -> int:
         fleet=args.fleet,
         upstream=upstream,
     )
+    up_args = None
+    if upstream is not None:
+        up_args = upstream_args(args, upstream)
+        check_upstream(args, up_args)
     state = AggregatorState(Path(args.state), Limits(max_message_bytes=args.max_message_bytes))
     channel = open_channel(args, args.client_id)
     up_channel = None
     try:
-        if upstream is not None:
-            up_channel = open_upstream(args, upstream)
+        if upstream is not None and up_args is not None:
+            up_channel = open_channel(up_args, up_args.client_id, upstream.will())
         daemon = AggregatorDaemon(
             config, channel, state, events=event_printer(args), upstream=up_channel
         )

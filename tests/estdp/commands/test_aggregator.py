@@ -33,6 +33,9 @@ def test_the_site_id_defaults_to_the_fleet():
         (["--upstream-broker", "mqtt://h:1", "--upstream-cert", "c"], "only with --upstream-fleet"),
         (["--fleet", "lab", "--upstream-fleet", "lab"], "must differ from --fleet"),
         (["--upstream-fleet", "lab", "--site-id", "a/b"], "invalid site id"),
+        (["--upstream-fleet", "lab", "--site-id", "s1", "--client-id", "s1"], "clash"),
+        (["--upstream-fleet", "lab", "--upstream-broker", "ftp://x"], "bad broker URL"),
+        (["--upstream-fleet", "lab", "--upstream-cert", "/nonexistent.crt"], "no such file"),
     ],
 )
 def test_user_errors_are_one_line_before_any_connection(argv, message, capsys, tmp_path):
