@@ -8,7 +8,8 @@
    (:mod:`aggregator.selection`);
 4. **removal**: walk the pairs and drop one neuron of each until ``target`` remain
    (:mod:`aggregator.removal`). If the kept pairs run out before that (many pairs had a
-   neuron already gone), selection runs again keeping four times as many.
+   neuron already gone), selection runs again over the neurons still alive, and the
+   walk goes on there (see :func:`plan_removal`).
 
 Metric ``ga`` instead evolves the keep-set (:mod:`aggregator.genetic`), seeded with the
 keep-sets of the four similarity metrics under every rule.
@@ -41,7 +42,7 @@ from aggregator.genetic import (
     surrogate_fitness,
 )
 from aggregator.removal import RULES, check_rule, rule_strength, walk
-from aggregator.selection import initial_k, ordered_pairs, select_candidates
+from aggregator.selection import initial_k, max_candidates, ordered_pairs, select_candidates
 from aggregator.similarity import METRICS, check_metric, check_weights, pair_bounds, total_pairs
 from estdp.errors import ConfigError, MergeError
 from estdp.model import SubModel
@@ -73,8 +74,8 @@ class RemovalPlan:
 
     removed: np.ndarray  # (r,) indices in removal order
     keep: np.ndarray  # (n - r,) sorted indices
-    candidates: int  # pairs kept by the partial selection (last pass)
-    consumed: int  # pairs the walk looked at
+    candidates: int  # most pairs kept by the partial selection in one pass
+    consumed: int  # pairs the walk looked at, over all passes
     passes: int  # selection passes (1 unless the walk ran short)
     seconds: dict[str, float]  # similarity, selection, removal
 
@@ -154,6 +155,16 @@ def plan_removal(
 ) -> RemovalPlan:
     """Rank pairs by ``metric`` and walk them down to ``target`` neurons.
 
+    The walk runs in passes. Each pass selects at most ``k`` candidate pairs among the
+    neurons still alive (:func:`aggregator.selection.select_candidates`) and walks the
+    certified ones, which are a prefix of the exact order of those neurons' pairs. When
+    they run out first, every pair walked has lost a neuron, so the rest of the walk
+    over all pairs is the walk over the pairs of the survivors, in the same order (their
+    relative order, hence the ``(i, j)`` tie-break, is kept): the next pass selects
+    among the survivors only. So the result is exactly that of one walk over all pairs,
+    while the candidate set, the memory it costs, stays bounded even when almost every
+    neuron is removed.
+
     Parameters
     ----------
     weights
@@ -167,7 +178,9 @@ def plan_removal(
     xp
         numpy or cupy.
     k
-        Pairs kept by the first selection pass (default :func:`aggregator.selection.initial_k`).
+        Pairs kept by each selection pass (default :func:`aggregator.selection.initial_k`
+        of the pass's neurons and removals, at most
+        :func:`aggregator.selection.max_candidates`).
     block_rows, threads
         Passed to :func:`aggregator.similarity.pair_bounds`.
 
@@ -190,30 +203,60 @@ def plan_removal(
     n_remove = max(0, n - target)
     if n_remove == 0:
         return RemovalPlan(np.zeros(0, np.int64), np.arange(n), 0, 0, 0, timer)
+    s = None if strength is None else np.asarray(strength, dtype=np.float64)
+    alive = np.arange(n)  # original indices of the neurons of this pass, ascending
+    removed: list[np.ndarray] = []
+    left = n_remove
+    consumed = passes = most = 0
     bounds = pair_bounds(w, metric, xp=xp, block_rows=block_rows, threads=threads)
     timer["similarity"] += time.perf_counter() - t0
-    if k is None:
-        # With wide intervals (8-bit Manhattan) only pairs whose exact key is below the
-        # bound can be certified, fewer than those whose lower bound is: keep twice as many.
-        k = initial_k(n, n_remove) * (1 if bounds.tight else 2)
-    k = max(1, min(int(k), total_pairs(n)))
-    passes = 0
+    grow = 1  # > 1 after a pass that certified no removal at all
     while True:
         passes += 1
-        cands = select_candidates(bounds, k, timer)
+        m = int(alive.shape[0])
+        k_pass = _pass_k(m, left, bounds.tight, k) * grow
+        k_pass = max(1, min(k_pass, total_pairs(m)))
+        cands = select_candidates(bounds, k_pass, timer)
+        most = max(most, cands.size)
         pairs = _Timed(ordered_pairs(cands, bounds), timer, "selection")
         t1 = time.perf_counter()
-        result = walk(pairs, n, n_remove, strength)
+        result = walk(pairs, m, left, None if s is None else s[alive])
         timer["removal"] += time.perf_counter() - t1 - pairs.spent
+        consumed += result.consumed
+        removed.append(alive[result.removed])
+        left -= int(result.removed.shape[0])
         if result.complete:
             break
-        if cands.bound == float("inf") or k >= total_pairs(n):  # pragma: no cover
+        if cands.bound == float("inf"):  # pragma: no cover - all pairs walked
             raise MergeError(
-                f"internal error: {n} neurons but the walk removed only {result.removed.size}"
+                f"internal error: {n} neurons but the walk removed only {n_remove - left}"
             )
-        k = min(total_pairs(n), 4 * k)
-    keep = np.setdiff1d(np.arange(n), result.removed)
-    return RemovalPlan(result.removed, keep, cands.size, result.consumed, passes, timer)
+        if result.removed.shape[0] == 0:
+            # Nothing certified (a near-tie straddles the bound): same neurons, more pairs.
+            grow *= 4
+            continue
+        grow = 1
+        t2 = time.perf_counter()
+        survivors = np.ones(m, dtype=bool)
+        survivors[result.removed] = False
+        alive = alive[survivors]
+        idx = alive if xp is np else xp.asarray(alive)
+        bounds = pair_bounds(
+            xp.take(w, idx, axis=1), metric, xp=xp, block_rows=block_rows, threads=threads
+        )
+        timer["similarity"] += time.perf_counter() - t2
+    gone = np.concatenate(removed)
+    keep = np.setdiff1d(np.arange(n), gone)
+    return RemovalPlan(gone, keep, most, consumed, passes, timer)
+
+
+def _pass_k(n: int, n_remove: int, tight: bool, k: int | None) -> int:
+    """Pairs to keep in a pass over ``n`` neurons that still has ``n_remove`` to remove."""
+    if k is not None:
+        return int(k)
+    # With wide intervals (8-bit Manhattan) only pairs whose exact key is below the
+    # bound can be certified, fewer than those whose lower bound is: keep twice as many.
+    return min(max_candidates(n), initial_k(n, n_remove) * (1 if tight else 2))
 
 
 def merge(

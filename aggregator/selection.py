@@ -18,11 +18,14 @@ over 99% of its time there) we:
    the order of ``lo``, just ahead of the walk: a pair is emitted once its exact key is
    below the ``lo`` of every pair not yet evaluated.
 3. **certify**: a pair is emitted only when its key is strictly below ``bound``, so no
-   pair left out could precede it. If the walk needs more pairs than were emitted, the
-   caller enlarges ``k`` and selects again.
+   pair left out could precede it. The emitted pairs are therefore a prefix of the full
+   order. If the walk needs more pairs than were emitted, the caller selects again over
+   the neurons still alive (see :func:`aggregator.merge.plan_removal`).
 
-Memory is O(k + n x block); time is the similarity blocks plus O(n^2) cheap comparisons
-plus O(k log k) for the kept pairs.
+``k`` is capped at :func:`max_candidates` (64 per neuron): the number the walk needs
+explodes as the fraction removed approaches 1 (``initial_k``), and each kept pair costs
+hundreds of bytes while it is selected and ordered. Memory is O(k + n x block); time is the similarity blocks plus
+O(n^2) cheap comparisons plus O(k log k) for the kept pairs.
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ from estdp.backend import to_host
 
 _FIRST_CHUNK = 512
 _MAX_CHUNK = 1 << 14
+# Most pairs one selection pass keeps: CANDIDATES_PER_NEURON per neuron, at least
+# MIN_CANDIDATE_CAP. Selecting and ordering k pairs holds up to 2k of them and ~15
+# arrays of k 8-byte values (indices, bounds, widths, sort permutations): measured
+# ~900 bytes per kept pair at the peak, so the cap keeps that within a few times the
+# weights' own float64 copy (784 x 8 bytes per neuron). Uncapped, 5,000 -> 300 asked
+# for 5.2 million pairs (1.1 GiB peak). 10,000 -> 3,000 needs 311,000 (twice that for
+# Manhattan), under the cap, so it runs as before.
+CANDIDATES_PER_NEURON = 64
+MIN_CANDIDATE_CAP = 1 << 16
+
+
+def max_candidates(n: int) -> int:
+    """The most pairs one selection pass over ``n`` neurons keeps (see above)."""
+    return max(MIN_CANDIDATE_CAP, CANDIDATES_PER_NEURON * n)
 
 
 def initial_k(n: int, n_remove: int) -> int:
@@ -52,14 +69,15 @@ def initial_k(n: int, n_remove: int) -> int:
     The walk skips pairs whose neuron is already gone, more so the more it removes:
     measured on random and on trained-like weights it consumed 1.3 to 2.2 pairs per
     removal with 10% removed, 3.3 to 7.6 with 40%, 23 to 33 with 70% (10,000 -> 3,000)
-    and 40 to 125 with 90%. ``4 r / (1 - r/n)^2`` covers those with room to spare; a
-    short walk is retried with four times as many.
+    and 40 to 125 with 90%. ``4 r / (1 - r/n)^2`` covers those with room to spare,
+    capped at :func:`max_candidates` (a walk that runs short continues in a new pass
+    over the neurons still alive).
     """
     if n_remove <= 0:
         return 0
     keep = max(1, n - n_remove)
     k = 4 * n_remove * n * n // (keep * keep) + 64
-    return int(min(total_pairs(n), k))
+    return int(min(total_pairs(n), max_candidates(n), k))
 
 
 @dataclass(frozen=True)
@@ -291,6 +309,7 @@ __all__ = [
     "Candidates",
     "PartialSelection",
     "initial_k",
+    "max_candidates",
     "ordered_pairs",
     "select_candidates",
 ]

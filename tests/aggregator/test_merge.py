@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator import selection
 from aggregator.concat import concatenate
 from aggregator.genetic import GAConfig
 from aggregator.merge import STAGES, merge, plan_removal
 from aggregator.removal import RULES, rule_strength
+from aggregator.selection import initial_k, max_candidates
 from aggregator.similarity import METRICS
 from estdp.errors import ConfigError, MergeError
 from estdp.model import Provenance, SubModel, load_model, save_model
@@ -93,6 +95,43 @@ def test_a_short_selection_is_enlarged_and_stays_exact(metric):
     plan = plan_removal(weights, 20, metric, k=10, threads=1)
     assert plan.passes > 1
     assert plan.removed.tolist() == want
+
+
+_HIGH: dict[str, tuple[np.ndarray, list]] = {}
+
+
+def _high_fraction(metric: str) -> tuple[np.ndarray, list]:
+    """500 trained-like neurons and the reference's order of their pairs (cached)."""
+    if metric not in _HIGH:
+        rng = np.random.default_rng(21)
+        weights = np.concatenate(ref.trained_like(5, 100, rng), axis=1)
+        _HIGH[metric] = weights, ref.sorted_pairs(weights, metric)
+    return _HIGH[metric]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_removing_94_percent_matches_the_reference(metric, monkeypatch):
+    # 500 -> 30: the candidate count the walk would need (initial_k) is far above the
+    # cap, so the selection is capped; with a tiny cap the walk must continue in later
+    # passes over the survivors, and still remove exactly what the reference removes.
+    weights, pairs = _high_fraction(metric)
+    strength = np.random.default_rng(5).random(500)
+    assert initial_k(500, 470) == max_candidates(500) < 124_750
+    for s in (None, strength):
+        want = ref.walk(pairs, 500, 30, s)
+        plan = plan_removal(weights, 30, metric, strength=s, threads=2)
+        assert plan.removed.tolist() == want
+        assert plan.candidates <= max_candidates(500)
+        monkeypatch.setattr(selection, "MIN_CANDIDATE_CAP", 300)
+        monkeypatch.setattr(selection, "CANDIDATES_PER_NEURON", 0)
+        small = plan_removal(weights, 30, metric, strength=s, threads=2)
+        monkeypatch.undo()
+        assert small.passes > 1
+        if metric != "manhattan":
+            # (With 8-bit Manhattan bounds, 300 pairs may certify none; that pass is
+            # then enlarged.)
+            assert small.candidates <= 300
+        assert small.removed.tolist() == want
 
 
 def test_identical_neurons_go_first():

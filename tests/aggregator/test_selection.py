@@ -12,6 +12,7 @@ from aggregator.selection import (
     Candidates,
     PartialSelection,
     initial_k,
+    max_candidates,
     ordered_pairs,
     select_candidates,
 )
@@ -66,6 +67,10 @@ def test_initial_k_grows_with_the_fraction_removed():
     assert initial_k(10, 9) == 45  # capped at all pairs
     assert initial_k(500, 200) < initial_k(500, 400)
     assert initial_k(10_000, 7_000) >= 231_303  # what trained-like weights consumed
+    # Near-total removal is capped (the walk continues in passes over the survivors)...
+    assert initial_k(5_000, 4_700) == max_candidates(5_000) == 320_000
+    # ...but 10,000 -> 3,000 keeps its full candidate set, twice over for Manhattan.
+    assert 2 * initial_k(10_000, 7_000) <= max_candidates(10_000)
 
 
 def _ordered(w: np.ndarray, metric: str, k: int) -> list[tuple[int, int]]:
