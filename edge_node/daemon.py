@@ -39,7 +39,7 @@ import numpy as np
 from estdp import protocol
 from estdp.atomic import atomic_write_bytes, atomic_write_text
 from estdp.backend import Backend
-from estdp.errors import EstdpError, ModelFileError, ProtocolError, TransportError
+from estdp.errors import ConfigError, EstdpError, ModelFileError, ProtocolError, TransportError
 from estdp.model import SubModel, load_model, save_model
 from estdp.params import NetworkParams
 from estdp.protocol import GlobalModel, NodeMetrics, NodeStatus, RoundAnnouncement, SubModelUpdate
@@ -192,6 +192,27 @@ class NodeConfig:
         return Will(Topics(self.fleet).status(self.node_id), payload, qos=1, retain=True)
 
 
+def _state_error(action: str, path: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot {action} the node state {path}: {exc.strerror or exc}")
+
+
+def ensure_state_dir(directory: Path) -> Path:
+    """Create the node's state directory (and its parents) unless it exists.
+
+    Raises
+    ------
+    ConfigError
+        It cannot be created (a parent is a file, no permission, ...).
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the node state directory {directory}: {exc.strerror or exc}"
+        ) from None
+    return directory
+
+
 class NodeDaemon:
     """The node service over a :class:`~estdp.transport.channel.Channel`.
 
@@ -250,15 +271,21 @@ class NodeDaemon:
         state_file = self._path("node.json")
         if state_file is None:
             return
-        Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-        if not state_file.exists():
+        ensure_state_dir(Path(self.config.state_dir))  # type: ignore[arg-type]
+        try:
+            text = state_file.read_text() if state_file.exists() else None
+        except OSError as exc:
+            raise _state_error("read", state_file, exc) from None
+        if text is None:
             return
         try:
-            record = json.loads(state_file.read_text())
+            record = json.loads(text)
             self.installed_round = int(record.get("installed_round", 0))
             self.published_round = int(record.get("published_round", 0))
             self.session = record.get("session")
-        except (OSError, ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
+            # Garbled counters only cost a round trained again; refusing to start would
+            # cost the node until someone deletes the file.
             log.error("ignoring the unreadable node state %s: %s", state_file, exc)
             return
         if self.installed_round and self.global_path is not None and self.global_path.exists():
@@ -269,7 +296,10 @@ class NodeDaemon:
                 self.installed_round = 0
         pending = self._path("update.msg")
         if self.published_round > self.installed_round and pending is not None and pending.exists():
-            self.pending_update = pending.read_bytes()
+            try:
+                self.pending_update = pending.read_bytes()
+            except OSError as exc:
+                raise _state_error("read", pending, exc) from None
 
     def _save_state(self) -> None:
         state_file = self._path("node.json")
@@ -279,7 +309,10 @@ class NodeDaemon:
                 "installed_round": self.installed_round,
                 "published_round": self.published_round,
             }
-            atomic_write_text(state_file, json.dumps(record) + "\n")
+            try:
+                atomic_write_text(state_file, json.dumps(record) + "\n")
+            except OSError as exc:
+                raise _state_error("write", state_file, exc) from None
 
     # ---- life cycle ---------------------------------------------------------------------
 
@@ -387,7 +420,10 @@ class NodeDaemon:
         self.pending_update, self.published_round = payload, rid
         pending = self._path("update.msg")
         if pending is not None:
-            atomic_write_bytes(pending, payload)
+            try:
+                atomic_write_bytes(pending, payload)
+            except OSError as exc:
+                raise _state_error("write", pending, exc) from None
         self._save_state()
         self._publish_update(payload, rid)
         self._status("online", f"update {rid} sent", rid)

@@ -198,3 +198,38 @@ def test_a_new_aggregator_session_restarts_the_round_count(agg_side, tmp_path: P
     agg.send(TOPICS.global_model, GlobalModel(9, model(8), ("n1",), session="aaaa"))
     node.step(0)
     assert node.installed_round == 0  # the old session's global model is not installed
+
+
+def test_a_state_directory_that_cannot_be_created_is_one_config_error(
+    agg_side, tmp_path: Path
+) -> None:
+    broker, _ = agg_side
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    cfg = NodeConfig("n1", "mem", state_dir=blocker / "x")  # like --state /etc/passwd/x
+    with pytest.raises(ConfigError, match=r"cannot create the node state directory .*a-file/x"):
+        NodeDaemon(cfg, connect(broker, "n1", cfg.will()), Trainer())
+
+
+def test_unreadable_and_unwritable_state_are_config_errors(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    state = tmp_path / "n1"
+    (state / "node.json").mkdir(parents=True)  # a directory where the state file belongs
+    cfg = NodeConfig("n1", "mem", state_dir=state)
+    with pytest.raises(ConfigError, match=r"cannot read the node state .*node\.json"):
+        NodeDaemon(cfg, connect(broker, "n1", cfg.will()), Trainer())
+    (state / "node.json").rmdir()
+    node, _ = make_node(broker, tmp_path)
+    (state / "node.json").mkdir()  # saving (an atomic rename onto it) now fails
+    announce(agg, 1)
+    with pytest.raises(ConfigError, match=r"cannot write the node state .*node\.json"):
+        node.step(0)
+
+
+def test_garbled_state_counters_are_ignored(agg_side, tmp_path: Path) -> None:
+    # Garbled content (not an OS error) costs a round trained again, not the node.
+    broker, _ = agg_side
+    (tmp_path / "n1").mkdir()
+    (tmp_path / "n1" / "node.json").write_text("{not json")
+    node, _ = make_node(broker, tmp_path)
+    assert node.installed_round == 0 and node.published_round == 0
