@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from estdp.commands._common import emit_json, positive_int
+from estdp.commands._common import emit_json, positive_int, positive_seconds
 from estdp.errors import ConfigError
 from estdp.protocol import DEFAULT_LIMITS, Limits
 from estdp.topics import validate_id
-from estdp.transport import Transport, TransportConfig, Will, mqtt_transport, parse_broker_url
+from estdp.transport import (
+    ConnectStopped,
+    Transport,
+    TransportConfig,
+    Will,
+    mqtt_transport,
+    parse_broker_url,
+)
 from estdp.transport.base import PROTOCOLS
 from estdp.transport.channel import DEFAULT_MAX_PACKET_BYTES, Channel
 
 PASSWORD_ENV = "ESTDP_MQTT_PASSWORD"
+
+log = logging.getLogger(__name__)
 
 
 def add_broker_args(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +77,7 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--connect-timeout",
-        type=float,
+        type=positive_seconds,
         default=60.0,
         help="seconds to keep trying the first connection (default 60)",
     )
@@ -106,10 +117,39 @@ def transport_config(
     )
 
 
-def open_channel(args: argparse.Namespace, client_id: str, will: Will | None = None) -> Channel:
-    """Connect to the broker and wrap the transport in a channel."""
+def open_channel(
+    args: argparse.Namespace,
+    client_id: str,
+    will: Will | None = None,
+    *,
+    stop: threading.Event | None = None,
+) -> Channel:
+    """Connect to the broker and wrap the transport in a channel.
+
+    ``stop`` (default: the event of :func:`stop_on_sigterm`, once installed) ends the
+    connection attempts at once: a SIGTERM must not wait out ``--connect-timeout``.
+
+    Raises
+    ------
+    ConnectStopped
+        The stop came first; the ``stopped`` event was printed (``--json``) and logged.
+    """
     transport: Transport = mqtt_transport(transport_config(args, client_id, will))
-    transport.connect(timeout=args.connect_timeout)
+    try:
+        transport.connect(timeout=args.connect_timeout, stop=stop or _stop_request)
+    except ConnectStopped:
+        reason = stop_reason() or "stop requested"
+        log.info("%s: stopped (%s) before connecting to %s", client_id, reason, args.broker)
+        event_printer(args)(
+            {
+                "event": "stopped",
+                "client_id": client_id,
+                "reason": reason,
+                "phase": "connecting",
+                "time_unix": round(time.time(), 3),
+            }
+        )
+        raise
     return Channel(
         transport,
         max_packet_bytes=args.max_packet_bytes,
@@ -124,13 +164,32 @@ def event_printer(args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
     return lambda event: None
 
 
+# The event of the last stop_on_sigterm() (one per process: signals are per process), and
+# the name of the signal that set it.
+_stop_request: threading.Event | None = None
+_stop_signal: str | None = None
+
+
 def stop_on_sigterm() -> threading.Event:
-    """An event set by SIGTERM (and SIGINT), for a clean shutdown."""
+    """An event set by SIGTERM (and SIGINT), for a clean shutdown.
+
+    :func:`open_channel` uses it too, so a signal also ends the first connection's
+    retries.
+    """
+    global _stop_request
     stop = threading.Event()
 
     def handler(signum: int, frame: object) -> None:
+        global _stop_signal
+        _stop_signal = signal.Signals(signum).name
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    _stop_request = stop
     return stop
+
+
+def stop_reason() -> str | None:
+    """The signal (e.g. ``"SIGTERM"``) that set the :func:`stop_on_sigterm` event, if any."""
+    return _stop_signal

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
-from edge_node.daemon import LocalTrainer, NodeConfig, NodeDaemon
+from edge_node.daemon import LocalTrainer, NodeConfig, NodeDaemon, ensure_state_dir
 from estdp.backend import resolve_backend
 from estdp.commands._common import (
     add_backend_arg,
@@ -19,9 +20,16 @@ from estdp.commands._common import (
     params_from_args,
     positive_int,
 )
-from estdp.commands._mqtt import add_broker_args, event_printer, open_channel, stop_on_sigterm
+from estdp.commands._mqtt import (
+    add_broker_args,
+    event_printer,
+    open_channel,
+    stop_on_sigterm,
+    stop_reason,
+)
 from estdp.errors import ConfigError
 from estdp.protocol import WEIGHT_ENCODINGS
+from estdp.transport import ConnectStopped
 
 NAME = "node"
 HELP = "run an edge node: train on local data in each round, install the global model"
@@ -38,8 +46,14 @@ def shard_spec(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(
             f"expected INDEX/COUNT such as 0/5, got {text!r}"
         ) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"the shard count (after the /) must be >= 1, got {text!r}"
+        )
     if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard index must be in 0..{count - 1}, got {index}")
+        raise argparse.ArgumentTypeError(
+            f"shard index must be in 0..{count - 1} for {count} shard(s), got {text!r}"
+        )
     return index, count
 
 
@@ -100,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
     stop = stop_on_sigterm()
     params = params_from_args(args)
+    state_dir = Path(args.state) if args.state else default_state_dir(args.fleet, args.node_id)
+    # Before the data is loaded and the broker contacted: a bad --state fails at once.
+    ensure_state_dir(state_dir)
     backend = resolve_backend(args.backend)
     images, labels = load_mnist(
         "train", args.data, args.dataset, limit=args.images, offset=args.offset
@@ -116,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         test_images, test_labels = images[:0], labels[:0]
-    state_dir = Path(args.state) if args.state else default_state_dir(args.fleet, args.node_id)
     config = NodeConfig(
         node_id=args.node_id,
         fleet=args.fleet,
@@ -141,9 +157,25 @@ def run(args: argparse.Namespace) -> int:
         test_images.shape[0],
         state_dir,
     )
-    channel = open_channel(args, args.node_id, config.will())
+    events = event_printer(args)
     try:
-        daemon = NodeDaemon(config, channel, trainer, events=event_printer(args), stop=stop)
-        return daemon.run()
+        channel = open_channel(args, args.node_id, config.will(), stop=stop)
+    except ConnectStopped:
+        return 0  # a clean stop; open_channel said "stopped"
+    try:
+        daemon = NodeDaemon(config, channel, trainer, events=events, stop=stop)
+        code = daemon.run()
     finally:
         channel.transport.close()
+    reason = stop_reason() or "stop requested"
+    log.info("node %s: stopped (%s)", args.node_id, reason)
+    events(
+        {
+            "event": "stopped",
+            "node": args.node_id,
+            "reason": reason,
+            "phase": "serving",
+            "time_unix": round(time.time(), 3),
+        }
+    )
+    return code

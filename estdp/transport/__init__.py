@@ -9,6 +9,7 @@ protocol messages over any of them, chunking what is too large for one packet.
 from __future__ import annotations
 
 from estdp.transport.base import (
+    ConnectStopped,
     Message,
     MessageQueue,
     Transport,
@@ -18,6 +19,7 @@ from estdp.transport.base import (
 )
 
 __all__ = [
+    "ConnectStopped",
     "Message",
     "MessageQueue",
     "Transport",

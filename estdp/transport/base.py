@@ -32,6 +32,27 @@ DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 PROTOCOLS = ("auto", "5", "3.1.1")
 
 
+class ConnectStopped(TransportError):
+    """A stop was requested (e.g. SIGTERM) while the first connection was being tried."""
+
+
+def sleep_unless_stopped(seconds: float, stop: threading.Event | None) -> bool:
+    """Sleep up to ``seconds``; return True as soon as ``stop`` is set.
+
+    Polls ``stop.is_set()`` in short slices instead of ``stop.wait()``: a signal handler
+    that sets the event while this (main) thread holds the event's lock inside ``wait``
+    would deadlock, and ``is_set`` takes no lock.
+    """
+    end = time.monotonic() + seconds
+    while True:
+        if stop is not None and stop.is_set():
+            return True
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.05))
+
+
 @dataclass(frozen=True)
 class Message:
     """One received (or to-be-sent) MQTT message."""
@@ -251,11 +272,20 @@ class Transport(ABC):
         self.connects = 0  # successful connections so far (a reconnect makes it > 1)
 
     @abstractmethod
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = 10.0, stop: threading.Event | None = None) -> None:
         """Connect (and keep reconnecting in the background until :meth:`close`).
+
+        Parameters
+        ----------
+        timeout
+            Seconds to keep trying the first connection.
+        stop
+            When set (e.g. by a SIGTERM handler), the attempts end within ~0.1 s.
 
         Raises
         ------
+        ConnectStopped
+            ``stop`` was set before a connection was made.
         TransportError
             No connection within ``timeout``, or the broker refused the credentials.
         """

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from estdp.errors import TransportError
 from estdp.topics import topic_matches
-from estdp.transport.base import Transport, TransportConfig, ensure_qos
+from estdp.transport.base import ConnectStopped, Transport, TransportConfig, ensure_qos
 
 
 class MemoryBroker:
@@ -127,7 +127,9 @@ class MemoryTransport(Transport):
     def is_connected(self) -> bool:
         return self._connected
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = 10.0, stop: threading.Event | None = None) -> None:
+        if stop is not None and stop.is_set():
+            raise ConnectStopped("stopped before connecting to the in-memory broker")
         self.wants_connection = True
         self._reconnect(raise_errors=True)
 

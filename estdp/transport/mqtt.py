@@ -24,7 +24,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from estdp.errors import TransportError
-from estdp.transport.base import Transport, TransportConfig, ensure_qos
+from estdp.transport.base import (
+    ConnectStopped,
+    Transport,
+    TransportConfig,
+    ensure_qos,
+    sleep_unless_stopped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,7 @@ class MqttTransport(Transport):
         self._closing = False
         self._probing = False
         self._announced_max_packet: int | None = None
+        self._stop: threading.Event | None = None  # connect()'s stop request
 
     # ---- connection ---------------------------------------------------------------------
 
@@ -82,17 +89,22 @@ class MqttTransport(Transport):
     def protocol_name(self) -> str:
         return _NAMES.get(self._protocol or 0, "not connected")
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = 10.0, stop: threading.Event | None = None) -> None:
         """Connect within ``timeout`` seconds, retrying with back-off while the broker is
         unreachable; then paho keeps the connection up in its thread.
 
+        ``stop`` (set by a SIGTERM handler, say) ends the attempts within ~0.1 s.
+
         Raises
         ------
+        ConnectStopped
+            ``stop`` was set first.
         TransportError
             No connection in time, a TLS failure, or the broker refused the login.
         """
         self._closing = False
         self._probing = False
+        self._stop = stop
         deadline = time.monotonic() + timeout
         versions = {"5": [paho.MQTTv5], "3.1.1": [paho.MQTTv311]}.get(
             self.config.protocol, [paho.MQTTv5, paho.MQTTv311]
@@ -100,6 +112,7 @@ class MqttTransport(Transport):
         delay = self.config.reconnect_min_s
         last: Exception | None = None
         while True:
+            self._check_stop()
             try:
                 if len(versions) > 1 and self.config.will is not None:
                     versions = [self._probe_version(deadline)]
@@ -118,14 +131,24 @@ class MqttTransport(Transport):
                 raise TransportError(
                     f"broker {self.config.url} refused the connection: {refused}"
                 ) from None
+            except ConnectStopped:
+                raise
             except (OSError, ssl.SSLError, TransportError) as exc:
                 last = exc
             # A certificate the other side refuses will not get better by retrying.
             fatal = isinstance(last, ssl.SSLError) or isinstance(last.__cause__, ssl.SSLError)
             if fatal or time.monotonic() + delay >= deadline:
                 raise TransportError(f"cannot connect to {self.config.url}: {last}") from last
-            time.sleep(delay)
+            log.info(
+                "cannot connect to %s yet (%s); retrying in %.1f s", self.config.url, last, delay
+            )
+            # A stop request must not wait out the back-off (nor the whole --connect-timeout).
+            sleep_unless_stopped(delay, stop)
             delay = min(delay * 2, self.config.reconnect_max_s)
+
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise ConnectStopped(f"stopped before connecting to {self.config.url}")
 
     def _probe_version(self, deadline: float) -> int:
         # amqtt (3.1.1 only) answers an MQTT 5 CONNECT with "unsupported protocol version"
@@ -199,6 +222,9 @@ class MqttTransport(Transport):
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         client.loop_start()
         while not self._connack.wait(0.02):
+            if self._stop is not None and self._stop.is_set():
+                self._discard(client)
+                self._check_stop()
             if self._gone.is_set():
                 # Accepted, then closed before CONNACK: the broker (or its TLS layer)
                 # refused this client, e.g. no or a bad client certificate, or a
