@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from estdp import model as model_mod
 from estdp import protocol
 from estdp.chunking import decode_chunk, encode_chunk, split
 from estdp.errors import ProtocolError
@@ -172,28 +173,55 @@ def test_each_malformed_body_is_refused_with_a_clear_message(
 
 
 def model_blob_message(wire_change) -> bytes:
-    """An update whose model map was changed by ``wire_change`` (checksum kept valid)."""
+    """An update whose model map was changed by ``wire_change``, with both checksums made
+    valid again (the model's own ``sha256`` and the envelope's ``model_sha256``), so that
+    decoding gets past them to the check the change is meant for."""
     env = body_of(protocol.encode(UPDATE))
     wire = msgpack.unpackb(env["body"]["model"], raw=False)
     wire_change(wire)
+    wire["sha256"] = model_mod._wire_digest(wire)
     blob = msgpack.packb(wire, use_bin_type=True)
     env["body"]["model"] = blob
     env["body"]["model_sha256"] = hashlib.sha256(blob).digest()
     return repack(env)
 
 
-def test_a_model_with_nan_weights_or_bad_shapes_is_refused() -> None:
-    def nan_weights(wire: dict) -> None:
-        data = bytearray(wire["arrays"]["weights"]["data"])
-        data[0:4] = np.float32(np.nan).tobytes()
-        wire["arrays"]["weights"]["data"] = bytes(data)
+def _nan_weights(wire: dict) -> None:
+    data = bytearray(wire["arrays"]["weights"]["data"])
+    data[0:4] = np.float32(np.nan).tobytes()
+    wire["arrays"]["weights"]["data"] = bytes(data)
 
-    def bad_shape(wire: dict) -> None:
-        wire["arrays"]["thetas"]["shape"] = [11]
 
-    for change in (nan_weights, bad_shape):
-        with pytest.raises(ProtocolError):
-            protocol.decode_update(model_blob_message(change))
+def _shape_beyond_data(wire: dict) -> None:
+    (n,) = wire["arrays"]["thetas"]["shape"]
+    wire["arrays"]["thetas"]["shape"] = [n + 1]
+
+
+def _one_theta_short(wire: dict) -> None:
+    (n,) = wire["arrays"]["thetas"]["shape"]
+    thetas = wire["arrays"]["thetas"]
+    thetas["shape"] = [n - 1]
+    thetas["data"] = thetas["data"][: 4 * (n - 1)]  # consistent in itself, not with the model
+
+
+def test_a_rebuilt_model_message_decodes() -> None:
+    # model_blob_message with no change decodes: a failure below is its own case's.
+    decoded = protocol.decode_update(model_blob_message(lambda wire: None))
+    assert_same_model(decoded.model, UPDATE.model)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (_nan_weights, r"weights contain 1 NaN or infinite value\(s\)"),
+        (_shape_beyond_data, r"thetas: data has 40 bytes but shape \(11,\) needs 44"),
+        (_one_theta_short, r"thetas has shape \(9,\); expected \(10,\)"),
+    ],
+)
+def test_a_model_with_nan_weights_or_bad_shapes_is_refused(change, needle) -> None:
+    with pytest.raises(ProtocolError, match=needle) as refused:
+        protocol.decode_update(model_blob_message(change))
+    assert "checksum" not in str(refused.value)
 
 
 def test_envelope_cases() -> None:
