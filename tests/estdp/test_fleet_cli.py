@@ -1,6 +1,6 @@
 """`estdp aggregator` and `estdp node` as processes over a real broker, with the real engine
 on MNIST: a round of three tiny nodes, with the aggregator killed (SIGKILL) and restarted
-in the middle of it."""
+in the middle of it; and a round in which a node process is killed while it trains."""
 
 from __future__ import annotations
 
@@ -147,6 +147,85 @@ def test_a_round_of_three_node_processes_survives_an_aggregator_kill(
             p.send_signal(signal.SIGTERM)
         assert all(p.wait(15) == 0 for p in procs[1:4])  # a clean shutdown on SIGTERM
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        clear_retained(broker_url, fleet)
+
+
+def test_a_node_process_killed_mid_round_is_marked_offline_and_the_deadline_merges_the_rest(
+    broker_url: str, mnist_dir: Path, tmp_path: Path
+) -> None:
+    from estdp import protocol
+
+    fleet = f"crash{uuid.uuid4().hex[:8]}"
+    common = ["--broker", broker_url, "--fleet", fleet, "--json"]
+    # Statuses as the broker delivers them, the last will included.
+    watcher = mqtt_transport(
+        TransportConfig(client_id=f"{fleet}-watcher", **parse_broker_url(broker_url))
+    )  # type: ignore[arg-type]
+    watcher.connect(timeout=5)
+    watcher.subscribe(f"estdp/{fleet}/nodes/+/status")
+    statuses: list[tuple[str, str, str]] = []
+
+    def drain() -> None:
+        for msg in iter(lambda: watcher.get(0), None):
+            if msg.payload:
+                s = protocol.decode_status(msg.payload)
+                statuses.append((s.node_id, s.state, s.detail))
+
+    def node(i: int, images: int) -> subprocess.Popen:
+        return estdp(
+            "node", *common, "--node-id", f"n{i}", "--data", str(mnist_dir),
+            "--images", str(images), "--test-images", "50", "--backend", "numpy",
+            "--seed", str(i), "--state", str(tmp_path / f"n{i}"), log=tmp_path / f"n{i}.log",
+        )  # fmt: skip
+
+    procs: list[subprocess.Popen] = []
+    try:
+        agg = estdp(
+            "aggregator", *common, "--nodes", "3", "--min-nodes", "2", "--target", "15",
+            "--neurons", "10", "--metric", "mse", "--deadline", "10",
+            "--state", str(tmp_path / "agg"), log=tmp_path / "agg.log",
+        )  # fmt: skip
+        # n2 has 20,000 images to train on: a minute of work, so it is killed mid-training.
+        procs += [agg, node(0, 150), node(1, 150), node(2, 20_000)]
+        victim = procs[3]
+        wait_for(
+            lambda: '"event": "progress"' in (tmp_path / "n2.log").read_text(),
+            60,
+            "n2 to be training",
+            tmp_path,
+        )
+        assert agg.poll() is None  # the round is still open
+        victim.send_signal(signal.SIGKILL)  # a crash: no clean disconnect, no status
+        victim.wait(10)
+
+        def offline() -> bool:
+            drain()
+            return ("n2", "offline", "connection lost") in statuses
+
+        wait_for(offline, 10, "the broker to publish n2's last will", tmp_path)
+        assert ("n2", "training") in [(n, s) for n, s, _ in statuses]  # before the crash
+        assert agg.wait(60) == 0  # the deadline merged the two updates; --rounds 1 ends it
+        events = [
+            json.loads(line)
+            for line in (tmp_path / "agg.log").read_text().splitlines()
+            if line.startswith("{")
+        ]
+        merged = next(e for e in events if e["event"] == "global")
+        assert merged["contains"] == ["n0", "n1"]
+        assert merged["reason"] == "deadline passed with 2 of 3"
+        assert not any(e["event"] == "update" and e["node"] == "n2" for e in events)
+        states = [tmp_path / "n0", tmp_path / "n1"]
+        wait_for(lambda: all(installed(s) == 1 for s in states), 30, "n0, n1 to install", tmp_path)
+        assert load_model(states[0] / "global.estdp").n_neurons == 15
+        for p in procs[1:3]:
+            p.send_signal(signal.SIGTERM)
+        assert all(p.wait(15) == 0 for p in procs[1:3])
+    finally:
+        watcher.close()
         for p in procs:
             if p.poll() is None:
                 p.kill()
