@@ -54,6 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aggregator import average
 from aggregator.state import AggregatorState
 from estdp import protocol
 from estdp.errors import ConfigError, MergeError, TransportError
@@ -143,6 +144,7 @@ class AggregatorConfig:
     min_nodes: int | None = None
     rounds: int = 1
     continue_from_global: bool = True
+    continued_merge: str = "average"  # updates that continued one global model: average|prune
     weight_encoding: str = "float32"
     fleet: str = "default"
     upstream: UpstreamConfig | None = None
@@ -158,6 +160,11 @@ class AggregatorConfig:
             )
         if self.rounds < 0:
             raise ConfigError("--rounds must be >= 0")
+        if self.continued_merge not in CONTINUED_MERGES:
+            raise ConfigError(
+                f"--continued-merge must be one of {', '.join(CONTINUED_MERGES)}, "
+                f"got {self.continued_merge!r}"
+            )
         if self.upstream is not None and self.upstream.fleet == self.fleet:
             # The site would read its own announcements as the root's.
             raise ConfigError(
@@ -167,6 +174,9 @@ class AggregatorConfig:
     @property
     def quorum(self) -> int:
         return self.nodes if self.min_nodes is None else self.min_nodes
+
+
+CONTINUED_MERGES = ("average", "prune")
 
 
 def default_merge(
@@ -522,12 +532,7 @@ class AggregatorDaemon:
         models = [updates[n].model for n in node_ids]
         t0 = time.perf_counter()
         try:
-            merged, report = self.merge_fn(
-                models,
-                announcement.target_size,
-                announcement.metric,
-                round_id=announcement.round_id,
-            )
+            merged, report = self._combine(models, announcement)
         except MergeError as exc:
             # Bad inputs will not get better by waiting: log, and leave the round open so
             # an operator sees it (status lines) and can fix or restart with other flags.
@@ -566,6 +571,30 @@ class AggregatorDaemon:
             packets=packets,
         )
         self._next_round()
+
+    def _combine(
+        self, models: list[SubModel], announcement: RoundAnnouncement
+    ) -> tuple[SubModel, Any]:
+        """Average updates that continued the same global model (aggregator.average),
+        pruning the average if it is still above the target; else ``merge_fn``."""
+        target, metric = announcement.target_size, announcement.metric
+        if not (self.config.continued_merge == "average" and average.siblings(models)):
+            return self.merge_fn(models, target, metric, round_id=announcement.round_id)
+        t0 = time.perf_counter()
+        merged = average.average(models, round=announcement.round_id)
+        report: dict[str, Any] = {
+            "averaged": len(models),
+            "seconds": {"average": time.perf_counter() - t0},
+        }
+        if merged.n_neurons > target:
+            merged, pruned = self.merge_fn([merged], target, metric, round_id=announcement.round_id)
+            report["pruned"] = report_metrics(pruned)
+        log.info(
+            "round %d: %d updates continued the same global model: averaged",
+            announcement.round_id,
+            len(models),
+        )
+        return merged, report
 
     # ---- upstream mode: a site of a root fleet -------------------------------------------
 

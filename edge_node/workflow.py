@@ -16,6 +16,7 @@ import numpy as np
 from edge_node import inference, labels, native_kernels, trainer
 from estdp.backend import Backend, to_host
 from estdp.errors import ConfigError
+from estdp.lineage import CLASS_COUNTS_NOTE, PARENT_NOTE, format_class_counts, parent_tag
 from estdp.model import SubModel, new_model
 from estdp.params import NetworkParams
 
@@ -118,8 +119,18 @@ def train_model(
         labels=neuron_labels,
         class_rates=class_rates,
         round=round_id,
+        notes=lineage_notes(image_labels, start),
     )
     return TrainingRun(model=model, train_seconds=train_seconds, label_seconds=label_seconds)
+
+
+def lineage_notes(image_labels: np.ndarray, start: SubModel | None) -> dict[str, str]:
+    """Provenance notes of a trained model: the per-class counts of the images its labels
+    come from and, when it continued a model, that model's tag (see :mod:`estdp.lineage`)."""
+    notes = {CLASS_COUNTS_NOTE: format_class_counts(np.bincount(image_labels, minlength=N_CLASSES))}
+    if start is not None:
+        notes[PARENT_NOTE] = parent_tag(start)
+    return notes
 
 
 def spike_counts(

@@ -73,6 +73,7 @@ class FleetConfig:
     target: int = 300
     metric: str = "mse"
     rounds: int = 1
+    continued_merge: str = "average"  # rounds after the first (aggregator --continued-merge)
     images: int = 30000
     offset: int = 0
     partition: partitions.PartitionSpec = field(default_factory=partitions.PartitionSpec)
@@ -321,6 +322,8 @@ class Fleet:
             cfg.metric,
             "--rounds",
             str(cfg.rounds),
+            "--continued-merge",
+            cfg.continued_merge,
             "--deadline",
             f"{self.root_deadline():g}",
             "--state",
@@ -357,6 +360,8 @@ class Fleet:
             cfg.metric,
             "--rounds",
             str(cfg.rounds),
+            "--continued-merge",
+            cfg.continued_merge,
             "--deadline",
             f"{self._deadline_s:g}",
             "--state",

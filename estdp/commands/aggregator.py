@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from aggregator.daemon import AggregatorConfig, AggregatorDaemon, UpstreamConfig
+from aggregator.daemon import CONTINUED_MERGES, AggregatorConfig, AggregatorDaemon, UpstreamConfig
 from aggregator.state import AggregatorState
 from estdp.commands._common import non_negative_int, positive_int
 from estdp.commands._mqtt import (
@@ -73,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fresh-each-round",
         action="store_true",
         help="nodes train fresh weights every round instead of continuing from the global model",
+    )
+    parser.add_argument(
+        "--continued-merge",
+        choices=CONTINUED_MERGES,
+        default="average",
+        help="updates that all continued the same global model (rounds after the first): "
+        "average them neuron by neuron, or concatenate and prune like the first round "
+        "(default average)",
     )
     parser.add_argument(
         "--state",
@@ -197,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         min_nodes=args.min_nodes,
         rounds=args.rounds,
         continue_from_global=not args.fresh_each_round,
+        continued_merge=args.continued_merge,
         weight_encoding=args.weight_encoding,
         fleet=args.fleet,
         upstream=upstream,

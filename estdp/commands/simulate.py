@@ -62,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rounds; after the first, boards continue from the global model (default 1)",
     )
     fleet.add_argument(
+        "--continued-merge",
+        choices=("average", "prune"),
+        default="average",
+        help="how the aggregator merges the updates of rounds after the first, which all "
+        "continued the same global model: average them neuron by neuron, or concatenate "
+        "and prune (default average)",
+    )
+    fleet.add_argument(
         "--sites",
         type=positive_int,
         default=1,
@@ -201,6 +209,7 @@ def fleet_config(args: argparse.Namespace, run_dir: Path) -> FleetConfig:
         target=args.target,
         metric=args.metric,
         rounds=args.rounds,
+        continued_merge=args.continued_merge,
         images=args.images,
         offset=args.offset,
         partition=parse_spec(args.partition),

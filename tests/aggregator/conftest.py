@@ -18,9 +18,10 @@ from estdp.protocol import RoundAnnouncement
 class FakeTrainer:
     """Random weights seeded by node and round, in ``seconds`` of fake work."""
 
-    def __init__(self, node_id: str, seconds: float = 0.0) -> None:
+    def __init__(self, node_id: str, seconds: float = 0.0, lineage: bool = False) -> None:
         self.node_id = node_id
         self.seconds = seconds
+        self.lineage = lineage  # record class counts and the parent, as workflow does
         self.starts: list[SubModel | None] = []
 
     def train(
@@ -35,6 +36,11 @@ class FakeTrainer:
             time.sleep(self.seconds / 5)
             progress(i + 1, 5)
         rng = np.random.default_rng(zlib.crc32(f"{self.node_id}/{announcement.round_id}".encode()))
+        notes = None
+        if self.lineage:
+            from edge_node.workflow import lineage_notes
+
+            notes = lineage_notes(rng.integers(0, 10, 50), start)
         model = new_model(
             rng.random((784, n_neurons), dtype=np.float32) * 0.3,
             rng.random(n_neurons, dtype=np.float32) * 0.05,
@@ -43,7 +49,9 @@ class FakeTrainer:
             images_seen=50,
             seed=0,
             labels=rng.integers(0, 10, n_neurons),
+            class_rates=rng.random((10, n_neurons), dtype=np.float32),
             round=announcement.round_id,
+            notes=notes,
         )
         return TrainOutcome(model, {"images": 50.0})
 
