@@ -50,10 +50,10 @@ _MAX_CHUNK = 1 << 14
 # Most pairs one selection pass keeps: CANDIDATES_PER_NEURON per neuron, at least
 # MIN_CANDIDATE_CAP. Selecting and ordering k pairs holds up to 2k of them and ~15
 # arrays of k 8-byte values (indices, bounds, widths, sort permutations): measured
-# ~900 bytes per kept pair at the peak, so the cap keeps that within a few times the
+# 400-900 bytes per kept pair at the peak, so the cap keeps that within a few times the
 # weights' own float64 copy (784 x 8 bytes per neuron). Uncapped, 5,000 -> 300 asked
-# for 5.2 million pairs (1.1 GiB peak). 10,000 -> 3,000 needs 311,000 (twice that for
-# Manhattan), under the cap, so it runs as before.
+# for 5.2 million pairs (a 1.1-2.2 GiB peak). 10,000 -> 3,000 needs 311,000 (twice
+# that for Manhattan), under the cap, so it runs as before.
 CANDIDATES_PER_NEURON = 64
 MIN_CANDIDATE_CAP = 1 << 16
 

@@ -1,15 +1,18 @@
 """Round overhead and fleet scale of the MQTT transport, on loopback.
 
-Two measurements, each a set of rounds run by the real daemons (aggregator and nodes as
-threads of this process, each with its own MQTT connection) over a real broker:
+Two measurements, each a set of rounds run by the real daemons over a real broker: the
+aggregator in a process of its own (as deployed), the nodes as threads of this process,
+each with its own MQTT connection:
 
 - ``overhead``: announce, K updates of N neurons, merge, the global model delivered to all
   K nodes. Nodes "train" instantly (a precomputed random model), so a round's wall time
   is protocol + transport + merge; the overhead is that minus the merge's own seconds.
   Median over ``--rounds`` rounds. Goal: <= 200 ms at K=5, N=100.
 - ``scale``: the same with ``--scale-nodes`` nodes (default 50): every update delivered,
-  the round completes; peak RSS of this whole process (aggregator *and* all nodes, an upper
-  bound for the aggregator alone). Goal: aggregator memory < 1 GiB.
+  the round completes; the aggregator process's peak resident memory (``VmHWM``), and
+  that peak up to the start of the merge (collecting and storing the updates), so the
+  merge's share shows. Goal: aggregator memory < 1 GiB. The nodes' process is reported
+  apart.
 
 The merge is ``aggregator.merge.merge`` when it is installed, else a concatenate-and-
 truncate stand-in (the JSON says which); its time is excluded from the overhead either way.
@@ -27,12 +30,14 @@ import json
 import logging
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,10 +99,76 @@ def channel(url: str, cid: str, will=None) -> Channel:
     return Channel(transport)
 
 
-def run_rounds(
-    url: str, fleet: str, n_nodes: int, neurons: int, target: int, rounds: int, merge_fn
-) -> dict:
-    """Run ``rounds`` rounds; per round: wall seconds (announce -> all installed), merge seconds."""
+def vm_hwm_mib() -> float:
+    """Peak resident memory of this process so far (VmHWM), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_aggregator_child(spec: dict[str, Any]) -> int:
+    """The aggregator process: serve ``spec["rounds"]`` rounds, print events as JSON lines.
+
+    Every event carries ``mono`` (``time.monotonic()``: CLOCK_MONOTONIC, the same clock in
+    every process of the machine, so the parent can compare it with its own). It stops
+    when the rounds are done or its stdin closes; the last line is its memory.
+    """
+    merge_fn, _ = pick_merge()
+    memory: dict[str, float] = {}
+    out_lock = threading.Lock()
+
+    def emit(event: dict[str, Any]) -> None:
+        event["mono"] = time.monotonic()
+        with out_lock:
+            print(json.dumps(event, default=str), flush=True)
+
+    def measured_merge(models: Sequence[SubModel], target: int, metric: str, **kw: Any) -> Any:
+        # The highest peak before the first merge: collecting and storing the updates.
+        memory.setdefault("before_merge_mib", vm_hwm_mib())
+        return merge_fn(models, target, metric, **kw)
+
+    config = AggregatorConfig(
+        nodes=spec["nodes"],
+        target=spec["target"],
+        neurons_per_node=spec["neurons"],
+        deadline_s=600,
+        rounds=spec["rounds"],
+        continue_from_global=False,
+        fleet=spec["fleet"],
+    )
+    stop = threading.Event()
+
+    def watch_stdin() -> None:
+        sys.stdin.read()  # returns at EOF: the parent is done with us
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    agg_channel = channel(spec["url"], f"{spec['fleet']}-aggregator")
+    with tempfile.TemporaryDirectory() as tmp:
+        agg = AggregatorDaemon(
+            config, agg_channel, AggregatorState(Path(tmp) / "agg"), measured_merge, events=emit
+        )
+        try:
+            agg.run(stop, poll_s=0.02)
+        finally:
+            agg_channel.transport.close()
+    emit(
+        {
+            "event": "memory",
+            "peak_rss_mib": round(vm_hwm_mib(), 1),
+            "peak_before_merge_mib": round(memory.get("before_merge_mib", float("nan")), 1),
+        }
+    )
+    return 0
+
+
+def run_rounds(url: str, fleet: str, n_nodes: int, neurons: int, target: int, rounds: int) -> dict:
+    """Run ``rounds`` rounds; per round: wall seconds (announce -> all installed), merge
+    seconds; and the aggregator process's memory."""
     events: list[dict] = []
     installed: dict[int, dict[str, float]] = {}
     lock = threading.Lock()
@@ -105,63 +176,69 @@ def run_rounds(
     def node_event(event: dict) -> None:
         if event["event"] == "installed":
             with lock:
-                installed.setdefault(event["round"], {})[event["node"]] = time.perf_counter()
-
-    def agg_event(event: dict) -> None:
-        event["perf"] = time.perf_counter()
-        events.append(event)
+                installed.setdefault(event["round"], {})[event["node"]] = time.monotonic()
 
     stops: list[threading.Event] = []
     threads: list[threading.Thread] = []
     channels: list[Channel] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        nodes = []
+    child: subprocess.Popen[str] | None = None
+    reader: threading.Thread | None = None
+    try:
         for i in range(n_nodes):
             cfg = NodeConfig(f"n{i}", fleet, state_dir=None)
             ch = channel(url, f"{fleet}-n{i}", cfg.will())
             channels.append(ch)
             node = NodeDaemon(cfg, ch, InstantTrainer(cfg.node_id, neurons, i), events=node_event)
-            nodes.append(node)
             stops.append(node.stop)
             threads.append(threading.Thread(target=node.run, kwargs={"poll_s": 0.02}, daemon=True))
-        config = AggregatorConfig(
-            nodes=n_nodes,
-            target=target,
-            neurons_per_node=neurons,
-            deadline_s=600,
-            rounds=rounds,
-            continue_from_global=False,
-            fleet=fleet,
-        )
-        agg_channel = channel(url, f"{fleet}-aggregator")
-        channels.append(agg_channel)
-        agg = AggregatorDaemon(
-            config, agg_channel, AggregatorState(Path(tmp) / "agg"), merge_fn, events=agg_event
-        )
-        agg_stop = threading.Event()
         for t in threads:
             t.start()
         time.sleep(0.5)  # every node subscribed before the first announcement
-        agg_thread = threading.Thread(
-            target=agg.run, args=(agg_stop,), kwargs={"poll_s": 0.02}, daemon=True
+        spec = {"url": url, "fleet": fleet, "nodes": n_nodes, "neurons": neurons,
+                "target": target, "rounds": rounds}  # fmt: skip
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--aggregator-child", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        agg_thread.start()
+        out = child.stdout
+        assert out is not None
+
+        def read_events() -> None:
+            for line in out:
+                if line.startswith("{"):
+                    events.append(json.loads(line))
+
+        reader = threading.Thread(target=read_events, daemon=True)
+        reader.start()
         deadline = time.monotonic() + 120 + 10 * rounds
         while time.monotonic() < deadline:
             with lock:
                 complete = len(installed.get(rounds, {})) == n_nodes
-            if complete:
+            # The aggregator exits by itself after its last round; the nodes may still be
+            # installing that round's model, so only a failed exit ends the wait.
+            if complete or child.poll() not in (None, 0):
                 break
             time.sleep(0.01)
-        agg_stop.set()
+    finally:
+        if child is not None:
+            assert child.stdin is not None
+            child.stdin.close()  # stops the aggregator if it is still serving
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if reader is not None:
+            reader.join(10)  # the aggregator's last lines (its memory) are read
         for s in stops:
             s.set()
-        agg_thread.join(10)
         for t in threads:
             t.join(10)
         for ch in channels:
             ch.transport.close()
-    opened = {e["round"]: e["perf"] for e in events if e["event"] == "round_open"}
+    opened = {e["round"]: e["mono"] for e in events if e["event"] == "round_open"}
     merged = {e["round"]: e for e in events if e["event"] == "global"}
     per_round = []
     for r in range(1, rounds + 1):
@@ -181,7 +258,13 @@ def run_rounds(
                 "global_bytes": merged[r]["bytes"],
             }
         )
-    return {"rounds": per_round}
+    memory = next((e for e in events if e["event"] == "memory"), {})
+    return {
+        "rounds": per_round,
+        "aggregator_peak_rss_mib": memory.get("peak_rss_mib"),
+        "aggregator_peak_before_merge_mib": memory.get("peak_before_merge_mib"),
+        "aggregator_exit": child.returncode if child is not None else None,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,9 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", type=int, default=300)
     parser.add_argument("--scale-nodes", type=int, default=50, help="0 skips the scale run")
     parser.add_argument("--scale-rounds", type=int, default=1)
+    parser.add_argument("--aggregator-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    merge_fn, merge_name = pick_merge()
+    if args.aggregator_child:
+        return run_aggregator_child(json.loads(args.aggregator_child))
+    _, merge_name = pick_merge()
 
     broker = None
     if args.broker.startswith("mqtt"):
@@ -213,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stamp = int(time.time())
         small = run_rounds(
-            url, f"bench{stamp}a", args.nodes, args.neurons, args.target, args.rounds, merge_fn
+            url, f"bench{stamp}a", args.nodes, args.neurons, args.target, args.rounds
         )
         done = [r for r in small["rounds"] if r["complete"]]
         overheads = [r["overhead_s"] for r in done]
@@ -228,14 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.neurons,
                 args.target,
                 args.scale_rounds,
-                merge_fn,
             )
             for r in scale["rounds"]:
                 print(json.dumps({"run": "scale", **r}))
     finally:
         if broker is not None:
             broker.close()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     summary = {
         "benchmark": "transport",
         "broker": kind,
@@ -265,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "scale_wall_s": round(
                     max((r["wall_s"] for r in complete), default=float("nan")), 3
                 ),
-                "process_peak_rss_mib": round(peak_rss / 2**20, 1),
+                "aggregator_peak_rss_mib": scale["aggregator_peak_rss_mib"],
+                "aggregator_peak_before_merge_mib": scale["aggregator_peak_before_merge_mib"],
+                "nodes_process_peak_rss_mib": round(vm_hwm_mib(), 1),
                 "memory_goal_mib": 1024,
             }
         )
