@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aggregator import average
+from aggregator.removal import DEFAULT_RULE, check_rule
 from aggregator.state import AggregatorState
 from estdp import protocol
 from estdp.errors import ConfigError, MergeError, TransportError
@@ -73,7 +74,7 @@ from estdp.transport.channel import Channel, Received
 
 log = logging.getLogger(__name__)
 
-# merge_fn(models, target, metric, *, round_id) -> (merged model, report)
+# merge_fn(models, target, metric, *, round_id, rule) -> (merged model, report)
 MergeFn = Callable[..., tuple[SubModel, Any]]
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -140,6 +141,7 @@ class AggregatorConfig:
     target: int
     neurons_per_node: int = 100
     metric: str = "mse"
+    rule: str = DEFAULT_RULE  # which neuron of a similar pair goes (aggregator.removal)
     deadline_s: float = 600.0
     min_nodes: int | None = None
     rounds: int = 1
@@ -160,6 +162,7 @@ class AggregatorConfig:
             )
         if self.rounds < 0:
             raise ConfigError("--rounds must be >= 0")
+        check_rule(self.rule)
         if self.continued_merge not in CONTINUED_MERGES:
             raise ConfigError(
                 f"--continued-merge must be one of {', '.join(CONTINUED_MERGES)}, "
@@ -180,12 +183,17 @@ CONTINUED_MERGES = ("average", "prune")
 
 
 def default_merge(
-    models: Sequence[SubModel], target: int, metric: str, *, round_id: int = 0
+    models: Sequence[SubModel],
+    target: int,
+    metric: str,
+    *,
+    round_id: int = 0,
+    rule: str = DEFAULT_RULE,
 ) -> tuple[SubModel, Any]:
     """Concatenate, measure similarity and prune to ``target`` (``aggregator.merge``)."""
     from aggregator.merge import merge  # the merge math; imported when first needed
 
-    return merge(list(models), target, metric, round=round_id)
+    return merge(list(models), target, metric, rule=rule, round=round_id)
 
 
 def report_metrics(report: Any) -> dict[str, float]:
@@ -579,7 +587,9 @@ class AggregatorDaemon:
         pruning the average if it is still above the target; else ``merge_fn``."""
         target, metric = announcement.target_size, announcement.metric
         if not (self.config.continued_merge == "average" and average.siblings(models)):
-            return self.merge_fn(models, target, metric, round_id=announcement.round_id)
+            return self.merge_fn(
+                models, target, metric, round_id=announcement.round_id, rule=self.config.rule
+            )
         t0 = time.perf_counter()
         merged = average.average(models, round=announcement.round_id)
         report: dict[str, Any] = {

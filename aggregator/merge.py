@@ -41,7 +41,7 @@ from aggregator.genetic import (
     network_fitness,
     surrogate_fitness,
 )
-from aggregator.removal import RULES, check_rule, rule_strength, walk
+from aggregator.removal import DEFAULT_RULE, RULES, check_rule, rule_strength, walk
 from aggregator.selection import initial_k, max_candidates, ordered_pairs, select_candidates
 from aggregator.similarity import METRICS, check_metric, check_weights, pair_bounds, total_pairs
 from estdp.errors import ConfigError, MergeError
@@ -264,7 +264,7 @@ def merge(
     target: int,
     metric: str,
     *,
-    rule: str = "later",
+    rule: str = DEFAULT_RULE,
     calibration: LabelledImages | None = None,
     validation: LabelledImages | None = None,
     ga: GAConfig | None = None,

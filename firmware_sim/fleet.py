@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.removal import DEFAULT_RULE
 from estdp.errors import ConfigError, EstdpError
 from estdp.topics import Topics, validate_id
 from estdp.transport import TransportConfig, parse_broker_url
@@ -74,6 +75,7 @@ class FleetConfig:
     metric: str = "mse"
     rounds: int = 1
     continued_merge: str = "average"  # rounds after the first (aggregator --continued-merge)
+    rule: str = DEFAULT_RULE  # removal rule of the merge (aggregator --rule)
     images: int = 30000
     offset: int = 0
     partition: partitions.PartitionSpec = field(default_factory=partitions.PartitionSpec)
@@ -324,6 +326,8 @@ class Fleet:
             str(cfg.rounds),
             "--continued-merge",
             cfg.continued_merge,
+            "--rule",
+            cfg.rule,
             "--deadline",
             f"{self.root_deadline():g}",
             "--state",
@@ -362,6 +366,8 @@ class Fleet:
             str(cfg.rounds),
             "--continued-merge",
             cfg.continued_merge,
+            "--rule",
+            cfg.rule,
             "--deadline",
             f"{self._deadline_s:g}",
             "--state",

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from aggregator.daemon import CONTINUED_MERGES, AggregatorConfig, AggregatorDaemon, UpstreamConfig
+from aggregator.removal import DEFAULT_RULE, RULES
 from aggregator.state import AggregatorState
 from estdp.commands._common import non_negative_int, positive_int
 from estdp.commands._mqtt import (
@@ -73,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fresh-each-round",
         action="store_true",
         help="nodes train fresh weights every round instead of continuing from the global model",
+    )
+    parser.add_argument(
+        "--rule",
+        choices=RULES,
+        default=DEFAULT_RULE,
+        help=f"which neuron of a similar pair the merge removes (default {DEFAULT_RULE}; "
+        "see estdp merge --help)",
     )
     parser.add_argument(
         "--continued-merge",
@@ -206,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         continue_from_global=not args.fresh_each_round,
         continued_merge=args.continued_merge,
+        rule=args.rule,
         weight_encoding=args.weight_encoding,
         fleet=args.fleet,
         upstream=upstream,

@@ -15,7 +15,7 @@ import numpy as np
 
 from aggregator.genetic import GAConfig
 from aggregator.merge import MERGE_METRICS, LabelledImages, merge
-from aggregator.removal import RULES
+from aggregator.removal import DEFAULT_RULE, RULES
 from estdp.backend import resolve_backend
 from estdp.commands._common import (
     add_backend_arg,
@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rule",
         choices=RULES,
-        default="later",
-        help="which neuron of a pair goes: later (default), activity (the less active), "
-        "theta (the one with the lower adaptive threshold)",
+        default=DEFAULT_RULE,
+        help="which neuron of a pair goes: later (the later one, as the seed), activity "
+        "(the less active; default), theta (the one with the lower adaptive threshold)",
     )
     parser.add_argument("--out", required=True, help="where to write the merged model (.estdp)")
     parser.add_argument(

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aggregator.removal import DEFAULT_RULE, RULES
 from estdp.commands._common import (
     add_backend_arg,
     add_data_args,
@@ -60,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1,
         help="rounds; after the first, boards continue from the global model (default 1)",
+    )
+    fleet.add_argument(
+        "--rule",
+        choices=RULES,
+        default=DEFAULT_RULE,
+        help=f"which neuron of a similar pair the merge removes (default {DEFAULT_RULE})",
     )
     fleet.add_argument(
         "--continued-merge",
@@ -210,6 +217,7 @@ def fleet_config(args: argparse.Namespace, run_dir: Path) -> FleetConfig:
         metric=args.metric,
         rounds=args.rounds,
         continued_merge=args.continued_merge,
+        rule=args.rule,
         images=args.images,
         offset=args.offset,
         partition=parse_spec(args.partition),

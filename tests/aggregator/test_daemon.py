@@ -216,3 +216,19 @@ def test_updates_retained_from_an_earlier_session_are_not_counted(fleet: Fleet) 
     assert fleet.agg.state.received() == ["n0"]  # round 1, but of another run
     fleet.step()
     assert fleet.agg.done and fleet.agg.state.received() == ["n0", "n1", "n2"]
+
+
+def test_the_configured_removal_rule_reaches_the_merge(
+    tmp_path: Path, fake_trainer, merge_fn
+) -> None:
+    seen: list[dict] = []
+
+    def recording_merge(models, target, metric, **kw):
+        seen.append(kw)
+        return merge_fn(models, target, metric, **kw)
+
+    fleet = Fleet(tmp_path, fake_trainer, recording_merge, rule="theta")
+    fleet.step()
+    assert fleet.agg.done and seen and seen[0]["rule"] == "theta"
+    with pytest.raises(ConfigError, match="unknown removal rule"):
+        AggregatorConfig(nodes=2, target=5, rule="random")
