@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 from aggregator.daemon import CONTINUED_MERGES, AggregatorConfig, AggregatorDaemon, UpstreamConfig
@@ -21,11 +22,12 @@ from estdp.commands._mqtt import (
     event_printer,
     open_channel,
     stop_on_sigterm,
+    stop_reason,
     transport_config,
 )
 from estdp.errors import ConfigError
 from estdp.protocol import WEIGHT_ENCODINGS, Limits
-from estdp.transport import parse_broker_url
+from estdp.transport import ConnectStopped, parse_broker_url
 
 # The genetic search ("ga") needs labelled validation images the aggregator does not
 # hold; the similarity metrics need nothing but the models.
@@ -224,16 +226,32 @@ def run(args: argparse.Namespace) -> int:
         up_args = upstream_args(args, upstream)
         check_upstream(args, up_args)
     state = AggregatorState(Path(args.state), Limits(max_message_bytes=args.max_message_bytes))
-    channel = open_channel(args, args.client_id)
+    events = event_printer(args)
+    try:
+        channel = open_channel(args, args.client_id)
+    except ConnectStopped:
+        return 0  # a clean stop; open_channel said "stopped"
     up_channel = None
     try:
         if upstream is not None and up_args is not None:
-            up_channel = open_channel(up_args, up_args.client_id, upstream.will())
-        daemon = AggregatorDaemon(
-            config, channel, state, events=event_printer(args), upstream=up_channel
-        )
-        return daemon.run(stop)
+            try:
+                up_channel = open_channel(up_args, up_args.client_id, upstream.will())
+            except ConnectStopped:
+                return 0
+        daemon = AggregatorDaemon(config, channel, state, events=events, upstream=up_channel)
+        code = daemon.run(stop)
     finally:
         if up_channel is not None:
             up_channel.transport.close()
         channel.transport.close()
+    reason = stop_reason() or ("stop requested" if stop.is_set() else "rounds done")
+    log.info("aggregator: stopped (%s)", reason)
+    events(
+        {
+            "event": "stopped",
+            "reason": reason,
+            "phase": "serving",
+            "time_unix": round(time.time(), 3),
+        }
+    )
+    return code
