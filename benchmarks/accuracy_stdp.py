@@ -1,7 +1,8 @@
-"""MNIST accuracy of one Diehl & Cook network trained with the NumPy engine.
+"""MNIST accuracy of one Diehl & Cook network trained on the CPU (numpy or native).
 
     python benchmarks/accuracy_stdp.py --neurons 100 --images 10000 [--preset bindsnet]
                                        [--seed 0] [--data DIR] [--out model.npz]
+                                       [--backend numpy|native]
 
 One pass of STDP over the first ``--images`` training images; labels assigned two ways:
 from a frozen-weight pass over those same images (as ``estdp train`` does) and from the
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_node import inference, labels, trainer
+from edge_node import inference, labels, native_kernels, trainer
 from estdp.datasets import load_mnist
 from estdp.params import load_params
 
@@ -33,7 +34,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", default=None, help="save weights and thresholds (.npz)")
+    parser.add_argument("--backend", choices=("numpy", "native"), default="numpy")
     args = parser.parse_args()
+    native = args.backend == "native"
+    spike_counts = native_kernels.spike_counts if native else inference.spike_counts
 
     data = args.data or os.environ.get("ESTDP_DATA")
     if data is None:
@@ -50,19 +54,21 @@ def main() -> int:
             print(f"{done} images, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    result = trainer.train(weights, thetas, train_x, params, rng=rng, progress=progress)
+    result = trainer.train(
+        weights, thetas, train_x, params, rng=rng, progress=progress, native=native
+    )
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    frozen = inference.spike_counts(
+    frozen = spike_counts(
         result.weights, result.thetas, train_x, params, rng=np.random.default_rng(args.seed + 1)
     )
-    test_counts = inference.spike_counts(
+    test_counts = spike_counts(
         result.weights, result.thetas, test_x, params, rng=np.random.default_rng(args.seed + 2)
     )
     infer_s = time.perf_counter() - t1
     summary = {
         "benchmark": "stdp_accuracy",
-        "backend": "numpy",
+        "backend": args.backend,
         "preset": params.preset,
         "neurons": args.neurons,
         "images": int(len(train_x)),
