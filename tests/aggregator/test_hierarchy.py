@@ -20,26 +20,11 @@ from estdp import protocol
 from estdp.errors import ConfigError
 from estdp.model import load_model
 from estdp.topics import Topics
-from estdp.transport.base import TransportConfig
-from estdp.transport.channel import Channel
-from estdp.transport.memory import MemoryBroker, MemoryTransport
+from estdp.transport.memory import MemoryBroker
+from tests.aggregator.test_daemon import Clock, channel
 
 ROOT = "root"
 SITES = {"site-a": ("a0", "a1"), "site-b": ("b0", "b1", "b2")}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 2_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def channel(broker: MemoryBroker, cid: str, will=None) -> Channel:
-    t = MemoryTransport(broker, TransportConfig(client_id=cid, will=will))
-    t.connect()
-    return Channel(t)
 
 
 class Hierarchy:

@@ -11,19 +11,9 @@ from edge_node.reference import run_image, train_reference
 from estdp import native
 from estdp.errors import ConfigError
 from estdp.params import BINDSNET, PAPER
+from tests.edge_node.test_event_driven import _images
 
 pytestmark = pytest.mark.skipif(not native.usable()[0], reason="no working C compiler")
-
-
-def _images(n, seed=0):
-    """Digit-sized images: a random blob of ~150 non-zero pixels each."""
-    rng = np.random.default_rng(seed)
-    images = np.zeros((n, 28, 28), dtype=np.uint8)
-    for img in images:
-        r, c = rng.integers(6, 16, size=2)
-        patch = rng.integers(0, 256, size=(12, 12)) * (rng.random((12, 12)) < 0.9)
-        img[r : r + 12, c : c + 12] = patch
-    return images
 
 
 def _warm(n_neurons, params, seed):
