@@ -4,8 +4,8 @@ Every message is one msgpack map, the *envelope*::
 
     {"v": SCHEMA_VERSION, "kind": KIND, "body": {...}}
 
-with ``KIND`` one of ``round``, ``update``, ``global``, ``status``, ``metrics`` (and
-``chunk``, see :mod:`estdp.chunking`). A message that carries a model holds it as one
+with ``KIND`` one of ``round``, ``update``, ``global``, ``status``, ``metrics``, ``labels``
+(and ``chunk``, see :mod:`estdp.chunking`). A message that carries a model holds it as one
 msgpack blob (``body["model"]``, the packed :func:`estdp.model.model_to_wire` map) next to
 its checksum ``body["model_sha256"] = sha256(body["model"])``, so a model damaged anywhere
 between the trainer and the merge is refused before it is unpacked.
@@ -20,6 +20,13 @@ Rounds belong to a *session*: a random id the aggregator draws when its state di
 is new. Announcements and global models carry it and updates echo it, so that messages
 retained from an earlier run on the same fleet (old updates, an old global model) are
 never taken for the current run's, even though round numbers start again at 1.
+
+Federated label assignment: a global model whose provenance note ``labels``
+(:data:`LABELS_NOTE`) says ``provisional`` still carries the sub-models' labels; every node
+that installs it answers with :class:`LabelStats` (its per-class image counts and each
+neuron's summed spike counts per class on its labelled images), and the aggregator
+publishes the same round's global model again with labels pooled from them
+(``federated``), or ``kept`` when no node answered (:mod:`aggregator.federated_labels`).
 
 Messages are plain frozen dataclasses; ``encode`` and the ``decode_*`` functions are the
 only conversions to and from bytes. No pickle anywhere.
@@ -37,6 +44,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from estdp.arrays import decode_array, encode_array
 from estdp.errors import EstdpError, ProtocolError
 from estdp.model import SubModel, model_from_wire, model_to_wire
 from estdp.topics import is_valid_id
@@ -46,6 +54,14 @@ NODE_STATES = ("online", "training", "offline")
 WEIGHT_ENCODINGS = ("float32", "float16", "uint8")
 MAX_METRICS = 64
 MAX_TEXT = 256
+MAX_CLASSES = 1024
+MODEL_TAG_LENGTH = 16  # estdp.lineage.parent_tag
+# The provenance note of a global model that says where its labels come from.
+LABELS_NOTE = "labels"
+LABELS_PROVISIONAL = "provisional"  # the sub-models' labels; label statistics requested
+LABELS_KEPT = "kept"  # the sub-models' labels, final
+LABELS_FEDERATED = "federated"  # pooled from the nodes' label statistics, final
+LABEL_STATES = (LABELS_PROVISIONAL, LABELS_KEPT, LABELS_FEDERATED)
 _HEX = frozenset("0123456789abcdef")
 _METRIC_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -149,7 +165,29 @@ class NodeMetrics:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
-Message = RoundAnnouncement | SubModelUpdate | GlobalModel | NodeStatus | NodeMetrics
+@dataclass(frozen=True, eq=False)  # arrays: compare the fields, not the dataclass
+class LabelStats:
+    """A node's label statistics for a provisional global model.
+
+    ``class_counts[c]``: the node's labelled images of class ``c``;
+    ``response_sums[c, j]``: neuron ``j``'s spike counts summed over those images, with the
+    global model frozen. ``model_tag`` is :func:`estdp.lineage.parent_tag` of the global
+    model they were measured on, so that statistics of another model are never pooled.
+    """
+
+    node_id: str
+    round_id: int
+    model_tag: str
+    class_counts: np.ndarray  # (C,) int64
+    response_sums: np.ndarray  # (C, N) float64
+    session: str = ""
+
+    @property
+    def n_images(self) -> int:
+        return int(np.asarray(self.class_counts).sum())
+
+
+Message = RoundAnnouncement | SubModelUpdate | GlobalModel | NodeStatus | NodeMetrics | LabelStats
 
 _KIND_OF: dict[type, str] = {
     RoundAnnouncement: "round",
@@ -157,6 +195,7 @@ _KIND_OF: dict[type, str] = {
     GlobalModel: "global",
     NodeStatus: "status",
     NodeMetrics: "metrics",
+    LabelStats: "labels",
 }
 KINDS = (*_KIND_OF.values(), "chunk")
 
@@ -164,6 +203,13 @@ KINDS = (*_KIND_OF.values(), "chunk")
 def new_session() -> str:
     """A fresh session id: 16 random hex digits."""
     return os.urandom(8).hex()
+
+
+def global_labels(model: SubModel) -> str:
+    """Where a global model's labels come from: one of :data:`LABEL_STATES` (a model
+    without the note, e.g. from an earlier version, keeps the sub-models' labels)."""
+    value = model.provenance.notes.get(LABELS_NOTE, LABELS_KEPT)
+    return value if value in LABEL_STATES else LABELS_KEPT
 
 
 # ---- encoding -------------------------------------------------------------------------------
@@ -267,6 +313,15 @@ def encode(message: Message, *, weight_encoding: str = "float32") -> bytes:
             "node_id": message.node_id,
             "round_id": int(message.round_id),
             "metrics": _clean_metrics(message.metrics),
+        }
+    elif isinstance(message, LabelStats):
+        body = {
+            "node_id": message.node_id,
+            "round_id": int(message.round_id),
+            "model_tag": message.model_tag,
+            "class_counts": encode_array(np.asarray(message.class_counts, dtype=np.int64)),
+            "response_sums": encode_array(np.asarray(message.response_sums, dtype=np.float64)),
+            "session": message.session,
         }
     else:
         raise TypeError(f"not a protocol message: {type(message).__name__}")
@@ -388,6 +443,24 @@ class _Body:
         if not isinstance(value, str) or len(value) > 32 or not set(value) <= _HEX:
             raise self.fail(name, "must be at most 32 lowercase hex digits")
         return value
+
+    def model_tag(self, name: str = "model_tag") -> str:
+        value = self.body[name]
+        if not (isinstance(value, str) and len(value) == MODEL_TAG_LENGTH and set(value) <= _HEX):
+            raise self.fail(name, f"must be {MODEL_TAG_LENGTH} lowercase hex digits")
+        return value
+
+    def array(
+        self, name: str, dtype: str, shape: tuple[int | None, ...], limits: Limits
+    ) -> np.ndarray:
+        # decode_array checks keys, dtype, shape and byte counts before it allocates.
+        return decode_array(
+            self.body[name],
+            expected_dtype=dtype,
+            expected_shape=shape,
+            max_bytes=limits.max_message_bytes,
+            name=f"{self.kind}: {name}",
+        )
 
     def metrics(self, name: str = "metrics") -> dict[str, float]:
         value = self.body[name]
@@ -522,6 +595,35 @@ def _decode_metrics(b: _Body, limits: Limits) -> NodeMetrics:
     return NodeMetrics(node_id=b.node_id(), round_id=b.int("round_id"), metrics=b.metrics())
 
 
+def _decode_labels(b: _Body, limits: Limits) -> LabelStats:
+    counts = b.array("class_counts", "int64", (None,), limits)
+    (n_classes,) = counts.shape
+    if not 1 <= n_classes <= MAX_CLASSES:
+        raise b.fail("class_counts", f"has {n_classes} classes (accepted: 1 to {MAX_CLASSES})")
+    if (counts < 0).any():
+        raise b.fail("class_counts", "holds a negative count")
+    sums = b.array("response_sums", "float64", (n_classes, None), limits)
+    n_neurons = sums.shape[1]
+    if not 1 <= n_neurons <= limits.max_neurons:
+        raise b.fail(
+            "response_sums", f"has {n_neurons} neurons (accepted: 1 to {limits.max_neurons})"
+        )
+    if not np.isfinite(sums).all():
+        raise b.fail("response_sums", "holds NaN or inf")
+    if (sums < 0).any():
+        raise b.fail("response_sums", "holds a negative sum (spike counts are >= 0)")
+    if (sums[counts == 0] != 0).any():
+        raise b.fail("response_sums", "holds responses to a class without images")
+    return LabelStats(
+        node_id=b.node_id(),
+        round_id=b.int("round_id"),
+        model_tag=b.model_tag(),
+        class_counts=counts,
+        response_sums=sums,
+        session=b.session(),
+    )
+
+
 _FIELDS: dict[str, tuple[str, ...]] = {
     "round": (
         "round_id",
@@ -539,6 +641,14 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "global": ("round_id", "contains", "metrics", "session", "model", "model_sha256"),
     "status": ("node_id", "state", "round_id", "time_unix", "detail"),
     "metrics": ("node_id", "round_id", "metrics"),
+    "labels": (
+        "node_id",
+        "round_id",
+        "model_tag",
+        "class_counts",
+        "response_sums",
+        "session",
+    ),
 }
 _DECODERS = {
     "round": _decode_round,
@@ -546,6 +656,7 @@ _DECODERS = {
     "global": _decode_global,
     "status": _decode_status,
     "metrics": _decode_metrics,
+    "labels": _decode_labels,
 }
 
 
@@ -603,3 +714,8 @@ def decode_status(payload: Any, limits: Limits = DEFAULT_LIMITS) -> NodeStatus:
 def decode_metrics(payload: Any, limits: Limits = DEFAULT_LIMITS) -> NodeMetrics:
     """Decode a :class:`NodeMetrics`; raise ProtocolError for anything else."""
     return _decode_kind("metrics", payload, limits)
+
+
+def decode_labels(payload: Any, limits: Limits = DEFAULT_LIMITS) -> LabelStats:
+    """Decode a :class:`LabelStats`; raise ProtocolError for anything else."""
+    return _decode_kind("labels", payload, limits)

@@ -7,6 +7,8 @@ Every topic lives under ``estdp/<fleet>/``::
     estdp/<fleet>/nodes/<id>/update          sub-model update of one node (retained)
     estdp/<fleet>/nodes/<id>/status          node status (retained; the last will says "offline")
     estdp/<fleet>/nodes/<id>/metrics         node metrics after installing a global model
+    estdp/<fleet>/nodes/<id>/labels          label statistics for a provisional global
+                                             model (retained)
 
 A message too large for one MQTT packet is split into chunks published under
 ``<topic>/chunk/<index>`` (see :mod:`estdp.chunking`); subscribing to ``<topic>/#`` receives
@@ -91,6 +93,9 @@ class Topics:
     def metrics(self, node_id: str) -> str:
         return f"{self.node(node_id)}/metrics"
 
+    def labels(self, node_id: str) -> str:
+        return f"{self.node(node_id)}/labels"
+
     # Subscription filters.
     @property
     def all_updates(self) -> str:
@@ -103,6 +108,11 @@ class Topics:
     @property
     def all_metrics(self) -> str:
         return f"{self.root}/nodes/+/metrics"
+
+    @property
+    def all_labels(self) -> str:
+        # Chunked when large (many neurons): the chunks are below the topic.
+        return f"{self.root}/nodes/+/labels/#"
 
     @property
     def global_all(self) -> str:

@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 
 from estdp import model as model_mod
 from estdp import protocol
+from estdp.arrays import encode_array
 from estdp.chunking import decode_chunk, encode_chunk, split
 from estdp.errors import ProtocolError
 from estdp.model import SubModel, new_model
 from estdp.params import NetworkParams
 from estdp.protocol import (
     GlobalModel,
+    LabelStats,
     Limits,
     NodeMetrics,
     NodeStatus,
@@ -48,7 +50,17 @@ UPDATE = SubModelUpdate("n1", 3, MODEL, 50, {"train_seconds": 1.5, "images": 50}
 GLOBAL = GlobalModel(3, MODEL, ("n1", "n2"), {"merge_seconds": 0.25}, "00ff")
 STATUS = NodeStatus("n1", "training", 3, 1.7e9, "round 3")
 METRICS = NodeMetrics("n1", 3, {"accuracy_all_activity": 0.81})
-MESSAGES = [ROUND, UPDATE, GLOBAL, STATUS, METRICS]
+LABEL_COUNTS = np.array([3, 0, 5, 1, 0, 2, 2, 0, 4, 1], np.int64)
+LABELS = LabelStats(
+    "n1",
+    3,
+    "0123456789abcdef",
+    LABEL_COUNTS,
+    LABEL_COUNTS[:, None] * np.linspace(0.0, 2.5, 10 * 10).reshape(10, 10),
+    "00ff",
+)
+# In KINDS order (the fuzz test below looks a message up by its kind).
+MESSAGES = [ROUND, UPDATE, GLOBAL, STATUS, METRICS, LABELS]
 DECODERS = [
     protocol.decode,
     protocol.decode_round,
@@ -56,6 +68,7 @@ DECODERS = [
     protocol.decode_global,
     protocol.decode_status,
     protocol.decode_metrics,
+    protocol.decode_labels,
     decode_chunk,
 ]
 
@@ -95,6 +108,39 @@ def test_round_trip_of_model_messages() -> None:
     glob = protocol.decode_global(protocol.encode(GLOBAL))
     assert glob.contains == ("n1", "n2") and glob.round_id == 3 and glob.session == "00ff"
     assert_same_model(glob.model, MODEL)
+
+
+def test_round_trip_of_label_statistics() -> None:
+    payload = protocol.encode(LABELS)
+    assert body_of(payload)["kind"] == "labels" and body_of(payload)["v"] == protocol.SCHEMA_VERSION
+    back = protocol.decode(payload)
+    assert isinstance(back, LabelStats)
+    assert (back.node_id, back.round_id, back.model_tag, back.session) == (
+        "n1",
+        3,
+        "0123456789abcdef",
+        "00ff",
+    )
+    assert back.class_counts.dtype == np.int64 and back.response_sums.dtype == np.float64
+    np.testing.assert_array_equal(back.class_counts, LABELS.class_counts)
+    np.testing.assert_array_equal(back.response_sums, LABELS.response_sums)  # bit for bit
+    assert back.n_images == 18
+    assert protocol.decode_labels(payload).response_sums.shape == (10, 10)
+
+
+def test_the_labels_note_of_a_global_model() -> None:
+    assert protocol.global_labels(MODEL) == protocol.LABELS_KEPT  # no note: kept
+    noted = model_mod.SubModel(
+        **{
+            **MODEL.__dict__,
+            "provenance": model_mod.Provenance(
+                **{**MODEL.provenance.__dict__, "notes": {"labels": "provisional"}}
+            ),
+        }
+    )
+    assert protocol.global_labels(noted) == protocol.LABELS_PROVISIONAL
+    glob = protocol.decode_global(protocol.encode(GlobalModel(1, noted, ("n1",))))
+    assert protocol.global_labels(glob.model) == protocol.LABELS_PROVISIONAL
 
 
 @pytest.mark.parametrize(
@@ -161,6 +207,22 @@ BAD_BODIES = [
     (GLOBAL, {"contains": "n1"}, "list"),
     (GLOBAL, {"session": "NOT-HEX"}, "hex"),
     (ROUND, {"session": "a" * 33}, "hex"),
+    (LABELS, {"node_id": "n/1"}, "node id"),
+    (LABELS, {"round_id": -2}, "round_id"),
+    (LABELS, {"model_tag": "0123"}, "16 lowercase hex"),
+    (LABELS, {"model_tag": "0123456789ABCDEF"}, "16 lowercase hex"),
+    (LABELS, {"session": "xyz"}, "hex"),
+    (LABELS, {"class_counts": [1, 2]}, "expected a map"),
+    (LABELS, {"response_sums": KeyError}, "missing"),
+    (LABELS, {"class_counts": encode_array(np.ones(10))}, "int64 is expected"),
+    (LABELS, {"class_counts": encode_array(-LABEL_COUNTS)}, "negative count"),
+    (LABELS, {"class_counts": encode_array(np.zeros(0, np.int64))}, "0 classes"),
+    (LABELS, {"response_sums": encode_array(np.ones((9, 10)))}, r"\(10, \*\) is expected"),
+    (LABELS, {"response_sums": encode_array(np.ones((10, 10), np.float32))}, "float64"),
+    (LABELS, {"response_sums": encode_array(np.zeros((10, 0)))}, "0 neurons"),
+    (LABELS, {"response_sums": encode_array(np.full((10, 10), np.nan))}, "NaN or inf"),
+    (LABELS, {"response_sums": encode_array(np.full((10, 10), -1.0))}, "negative sum"),
+    (LABELS, {"response_sums": encode_array(np.ones((10, 10)))}, "class without images"),
 ]
 
 
@@ -257,6 +319,8 @@ def test_size_bounds() -> None:
         protocol.decode(payload, Limits(max_neurons=5))
     with pytest.raises(ProtocolError, match="at most 1 node"):
         protocol.decode(protocol.encode(GLOBAL), Limits(max_nodes=1))
+    with pytest.raises(ProtocolError, match="10 neurons"):
+        protocol.decode(protocol.encode(LABELS), Limits(max_neurons=9))
     ext = msgpack.packb(msgpack.ExtType(1, b"x" * 8))
     with pytest.raises(ProtocolError):
         protocol.decode(ext)
@@ -334,7 +398,7 @@ def test_well_formed_msgpack_with_wrong_contents_raises_only_protocol_errors(
 
 
 @FAST
-@given(st.sampled_from(protocol.KINDS[:5]), st.data())
+@given(st.sampled_from(protocol.KINDS[: len(MESSAGES)]), st.data())
 def test_one_field_replaced_by_any_value_raises_only_protocol_errors(
     kind: str, data: st.DataObject
 ) -> None:

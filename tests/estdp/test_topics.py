@@ -22,6 +22,10 @@ def test_layout_of_a_fleet() -> None:
     assert t.update("n1") == "estdp/lab/nodes/n1/update"
     assert t.status("n1") == "estdp/lab/nodes/n1/status"
     assert t.metrics("n1") == "estdp/lab/nodes/n1/metrics"
+    assert t.labels("n1") == "estdp/lab/nodes/n1/labels"
+    assert topic_matches(t.all_labels, t.labels("n1"))
+    assert topic_matches(t.all_labels, chunk_topic(t.labels("n1"), 2))
+    assert not topic_matches(t.all_labels, t.metrics("n1"))
     assert t.node_of("estdp/lab/nodes/n1/update/chunk/3") == "n1"
     assert t.node_of("estdp/other/nodes/n1/update") is None
     assert t.node_of("estdp/lab/round") is None
