@@ -11,14 +11,27 @@ A round, from the aggregator's side::
               the Q-th arrives)
     publish   GlobalModel(r, merged model, contributing nodes), retained, chunked when
               larger than a packet; then the next round, until ``rounds`` are done
+    labelling (``labels="federated"``, the default) the global model published above is
+              *provisional* (note labels=provisional: the sub-models' labels); each node
+              that installs it runs it frozen on its labelled images and sends
+              LabelStats(r, tag, per-class counts, per-class response sums) on
+              estdp/<fleet>/nodes/<id>/labels, retained; each is stored on disk before
+              it counts. When every node in the model's ``contains`` has reported, or
+              the label deadline passed, the statistics are pooled
+              (aggregator.federated_labels) and GlobalModel(r) is published again: the
+              same weights, the pooled labels (labels=federated; labels=kept with the
+              sub-models' labels if no node reported). Only then is the next round
+              announced.
 
 Faults: a restart reloads the state directory and re-announces the open round (same id,
 same deadline); nodes publish their updates retained, so updates sent while the
 aggregator was down are delivered when it subscribes again, and the ones it had are on
-disk. After a reconnect (e.g. a broker restart that lost retained messages) the
+disk; a restart while labelling keeps the stored statistics and the same label
+deadline. After a reconnect (e.g. a broker restart that lost retained messages) the
 announcement, or the last global model, is published again. A payload that fails to
-decode, an update published under another node's topic, for another round, or with
-parameters unlike the others' is logged and dropped; the daemon keeps serving.
+decode, an update (or label statistics) published under another node's topic, for
+another round, or with parameters (or neurons, or model tag) unlike the round's is
+logged and dropped; the daemon keeps serving.
 
 The merge itself is one call, :func:`default_merge` (``aggregator.merge.merge``), passed
 in as ``merge_fn`` so tests and simulations can swap it.
@@ -37,7 +50,11 @@ possibly to another broker)::
                  site round's global model (the site's session, the root's ``contains``),
                  so the site's nodes install the root model; then the round is merged
 
-The root aggregator is an unmodified aggregator with K = the number of sites. If the
+The root aggregator is an unmodified aggregator with K = the number of sites. A site
+does no labelling of its own: its model goes upstream, not to its nodes. When the
+root's global model is provisional, the site relays the labelling: its nodes send their
+statistics to the site, which sums them (the sums pool exactly) and sends one
+LabelStats(<site-id>, r, ...) to the root, then passes the root's final model down. If the
 root moves on while a site round is open (a newer root round is announced), the open
 round is pointed at it; if the root's global model for the round arrives before the
 site has forwarded (the root merged without this site), it is delivered all the same.
@@ -54,15 +71,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aggregator import average
+from aggregator import average, federated_labels
 from aggregator.removal import DEFAULT_RULE, check_rule
 from aggregator.state import AggregatorState
 from estdp import protocol
-from estdp.errors import ConfigError, MergeError, TransportError
+from estdp.errors import ConfigError, MergeError, ProtocolError, TransportError
+from estdp.lineage import parent_tag
 from estdp.model import SubModel
 from estdp.params import NetworkParams
 from estdp.protocol import (
+    LABELS_FEDERATED,
+    LABELS_KEPT,
+    LABELS_PROVISIONAL,
     GlobalModel,
+    LabelStats,
     NodeStatus,
     RoundAnnouncement,
     SubModelUpdate,
@@ -135,6 +157,13 @@ class AggregatorConfig:
     upstream
         Run as a site aggregator forwarding to this root fleet (None: a flat or root
         aggregator, which opens its own rounds).
+    labels
+        ``"federated"``: after each merge, re-assign the global model's labels from the
+        nodes' label statistics (the labelling phase); ``"kept"``: keep the labels the
+        sub-models came with. A site aggregator labels nothing itself (see the module
+        docstring); it follows the root's global model.
+    label_deadline_s
+        Seconds the labelling phase waits for the nodes' statistics.
     """
 
     nodes: int
@@ -150,6 +179,8 @@ class AggregatorConfig:
     weight_encoding: str = "float32"
     fleet: str = "default"
     upstream: UpstreamConfig | None = None
+    labels: str = LABELS_FEDERATED
+    label_deadline_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.target < 1 or self.neurons_per_node < 1:
@@ -162,6 +193,15 @@ class AggregatorConfig:
             )
         if self.rounds < 0:
             raise ConfigError("--rounds must be >= 0")
+        if self.labels not in LABEL_MODES:
+            raise ConfigError(
+                f"--labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}"
+            )
+        if not (self.label_deadline_s > 0 and math.isfinite(self.label_deadline_s)):
+            raise ConfigError(
+                f"--label-deadline must be a positive number of seconds, "
+                f"got {self.label_deadline_s}"
+            )
         check_rule(self.rule)
         if self.continued_merge not in CONTINUED_MERGES:
             raise ConfigError(
@@ -180,6 +220,7 @@ class AggregatorConfig:
 
 
 CONTINUED_MERGES = ("average", "prune")
+LABEL_MODES = (LABELS_KEPT, LABELS_FEDERATED)
 
 
 def default_merge(
@@ -275,6 +316,8 @@ class AggregatorDaemon:
         # The latest root announcement and global model seen (upstream mode).
         self._root_round: RoundAnnouncement | None = None
         self._root_global: GlobalModel | None = None
+        # The global model being labelled, decoded once from the state: (round, model).
+        self._label_model: tuple[int, SubModel] | None = None
 
     # ---- life cycle ---------------------------------------------------------------------
 
@@ -283,6 +326,7 @@ class AggregatorDaemon:
         transport = self.channel.transport
         transport.subscribe(self.topics.all_updates, qos=1)
         transport.subscribe(self.topics.all_status, qos=1)
+        transport.subscribe(self.topics.all_labels, qos=1)
         self._connects_seen = transport.connects
         if self.upstream is not None:
             self._start_upstream()
@@ -305,6 +349,18 @@ class AggregatorDaemon:
             self._emit("resumed", round=current.round_id, phase=current.phase)
             self._announce(current.announcement)
             self._send_forwarded()
+        elif current.phase == "labelling":
+            stored = self.state.label_reporters()
+            log.info(
+                "resuming the labelling of round %d with %d stored label statistics",
+                current.round_id,
+                len(stored),
+            )
+            self._emit("resumed", round=current.round_id, phase=current.phase, labels_from=stored)
+            self._republish_global()
+            if self.upstream is not None:
+                self._send_relayed_labels()
+            self._maybe_finish_labelling()
         else:
             self._republish_global()
             self._next_round()
@@ -338,6 +394,7 @@ class AggregatorDaemon:
                 self._upstream_connects_seen = upstream.connects
                 self._after_upstream_reconnect()
         self._maybe_merge()
+        self._maybe_finish_labelling()
 
     # ---- rounds -------------------------------------------------------------------------
 
@@ -434,6 +491,8 @@ class AggregatorDaemon:
             return
         if isinstance(message, SubModelUpdate):
             self._on_update(received.topic, message, received.payload)
+        elif isinstance(message, LabelStats):
+            self._on_labels(received.topic, message, received.payload)
         elif isinstance(message, NodeStatus):
             sender = self.topics.node_of(received.topic)
             if sender == message.node_id:
@@ -444,7 +503,7 @@ class AggregatorDaemon:
     def _reject(self, why: str, **fields: Any) -> None:
         self.channel.rejected += 1
         self.channel.last_rejection = why
-        log.warning("rejected an update: %s", why)
+        log.warning("rejected: %s", why)
         self._emit("rejected", reason=why, **fields)
 
     def _on_update(self, topic: str, update: SubModelUpdate, payload: bytes) -> None:
@@ -554,19 +613,27 @@ class AggregatorDaemon:
             images = sum(int(u.images_seen) for u in updates.values())
             self._forward(announcement, merged, node_ids, metrics, images, why)
             return
+        labelling = self.config.labels == LABELS_FEDERATED
+        labels = LABELS_PROVISIONAL if labelling else LABELS_KEPT
+        merged = federated_labels.with_labels_note(merged, labels)
         message = GlobalModel(
             announcement.round_id, merged, node_ids, metrics, announcement.session
         )
         payload = protocol.encode(message, weight_encoding=self.config.weight_encoding)
         packets = self.channel.send(self.topics.global_model, payload, retain=True)
-        self.state.mark_merged(payload, merged, node_ids)
+        if labelling:
+            deadline = self.clock() + self.config.label_deadline_s
+            self.state.mark_labelling(payload, merged, node_ids, parent_tag(merged), deadline)
+        else:
+            self.state.mark_merged(payload, merged, node_ids)
         log.info(
-            "round %d merged (%s): %d neurons from %s in %.2f s",
+            "round %d merged (%s): %d neurons from %s in %.2f s%s",
             announcement.round_id,
             why,
             merged.n_neurons,
             ", ".join(node_ids),
             merge_seconds,
+            "; labels provisional until the nodes' label statistics are in" if labelling else "",
         )
         self._emit(
             "global",
@@ -577,8 +644,17 @@ class AggregatorDaemon:
             merge_seconds=round(merge_seconds, 4),
             bytes=len(payload),
             packets=packets,
+            labels=labels,
         )
-        self._next_round()
+        if labelling:
+            self._emit(
+                "labelling",
+                round=announcement.round_id,
+                expected=list(node_ids),
+                deadline_unix=round(deadline, 3),
+            )
+        else:
+            self._next_round()
 
     def _combine(
         self, models: list[SubModel], announcement: RoundAnnouncement
@@ -605,6 +681,184 @@ class AggregatorDaemon:
             len(models),
         )
         return merged, report
+
+    # ---- labelling ----------------------------------------------------------------------
+
+    def _labelling_model(self) -> SubModel | None:
+        """The global model of the round being labelled (decoded from the state once)."""
+        current = self.state.current
+        if current is None:
+            return None
+        if self._label_model is None or self._label_model[0] != current.round_id:
+            payload = self.state.global_payload()
+            if payload is None:
+                return None
+            try:
+                model = protocol.decode_global(payload, self.state.limits).model
+            except ProtocolError as exc:
+                log.error("round %d: the stored global model is damaged: %s", current.round_id, exc)
+                return None
+            self._label_model = (current.round_id, model)
+        return self._label_model[1]
+
+    def _label_expected(self) -> list[str]:
+        """Who the labelling waits for: the nodes in the global model (a flat or root
+        aggregator), or the site's own nodes of the round (a site relaying to its root)."""
+        current = self.state.current
+        if current is None:
+            return []
+        if self.upstream is not None:
+            return self.state.received()
+        return list(current.contains)
+
+    def _on_labels(self, topic: str, stats: LabelStats, payload: bytes) -> None:
+        sender = self.topics.node_of(topic)
+        if topic != self.topics.labels(stats.node_id) or sender != stats.node_id:
+            self._reject(
+                f"label statistics for node {stats.node_id!r} arrived on {topic!r}", node=sender
+            )
+            return
+        current = self.state.current
+        if current is None or stats.session != current.announcement.session:
+            # Retained from an earlier run of the fleet.
+            log.info("ignoring label statistics from %s of another session", sender)
+            return
+        rid = stats.round_id
+        if rid < current.round_id or (rid == current.round_id and current.phase == "merged"):
+            # Retained from an earlier round, or a node that answered after the deadline.
+            log.info(
+                "ignoring label statistics of round %d from %s: its labelling is over", rid, sender
+            )
+            return
+        if rid != current.round_id or current.phase != "labelling":
+            self._reject(
+                f"label statistics from {sender} for round {rid}, which is not being labelled",
+                node=sender,
+                round=rid,
+            )
+            return
+        if stats.model_tag != current.model_tag:
+            self._reject(
+                f"label statistics from {sender} name model {stats.model_tag} where round "
+                f"{rid}'s global model is {current.model_tag}",
+                node=sender,
+                round=rid,
+            )
+            return
+        model = self._labelling_model()
+        want = (model.n_classes, model.n_neurons) if model is not None else None
+        if stats.response_sums.shape != want:
+            self._reject(
+                f"label statistics from {sender} of shape {stats.response_sums.shape} where "
+                f"the global model has (classes, neurons) {want}",
+                node=sender,
+                round=rid,
+            )
+            return
+        if not self.state.add_label_stats(sender, payload):
+            log.debug("duplicate label statistics from %s for round %d", sender, rid)
+            return
+        reporters = self.state.label_reporters()
+        expected = self._label_expected()
+        log.info(
+            "round %d: label statistics from %s (%d images; %d/%d)",
+            rid,
+            sender,
+            stats.n_images,
+            len(set(reporters) & set(expected)),
+            len(expected),
+        )
+        self._emit(
+            "label_stats",
+            round=rid,
+            node=sender,
+            images=stats.n_images,
+            received=len(reporters),
+            expected=len(expected),
+        )
+
+    def _maybe_finish_labelling(self) -> None:
+        current = self.state.current
+        if current is None or current.phase != "labelling":
+            return
+        if self.upstream is not None and self.state.relayed_labels_payload() is not None:
+            return  # relayed: waiting for the root's final model
+        reporters = self.state.label_reporters()
+        expected = self._label_expected()
+        if set(expected) <= set(reporters):
+            self._finish_labelling(f"{len(reporters)} of {len(expected)} nodes reported")
+        elif self.clock() >= current.label_deadline_unix:
+            missing = sorted(set(expected) - set(reporters))
+            self._finish_labelling(
+                f"label deadline passed with {len(reporters)} of {len(expected)} "
+                f"(missing: {', '.join(missing)})"
+            )
+
+    def _finish_labelling(self, why: str) -> None:
+        """Pool the stored statistics into the global model's labels and publish it again
+        (a site aggregator: sum them and send them to the root)."""
+        current = self.state.current
+        assert current is not None
+        payload = self.state.global_payload()
+        provisional = protocol.decode_global(payload, self.state.limits) if payload else None
+        if provisional is None:
+            log.error("round %d: no stored global model to label", current.round_id)
+            self.done = True
+            return
+        stats = self.state.load_label_stats()
+        if self.upstream is not None:
+            self._relay_labels(stats, why)
+            return
+        images = sum(s.n_images for s in stats.values())
+        model = provisional.model
+        labels = LABELS_KEPT
+        if stats:
+            try:
+                pooled = federated_labels.pool(
+                    [(s.class_counts, s.response_sums) for s in stats.values()]
+                )
+                model = federated_labels.relabel(model, pooled)
+                labels = LABELS_FEDERATED
+            except MergeError as exc:
+                log.error("round %d: label statistics cannot be pooled: %s", current.round_id, exc)
+        if labels == LABELS_KEPT:
+            model = federated_labels.with_labels_note(model, LABELS_KEPT)
+            log.warning(
+                "round %d: no label statistics (%s): the global model keeps the sub-models' labels",
+                current.round_id,
+                why,
+            )
+        metrics = {
+            **provisional.metrics,
+            "label_nodes": float(len(stats) if labels == LABELS_FEDERATED else 0),
+            "label_images": float(images if labels == LABELS_FEDERATED else 0),
+            "labelled_neurons": float((model.labels >= 0).sum()),
+        }
+        message = GlobalModel(
+            current.round_id, model, provisional.contains, metrics, provisional.session
+        )
+        out = protocol.encode(message, weight_encoding=self.config.weight_encoding)
+        packets = self.channel.send(self.topics.global_model, out, retain=True)
+        self.state.mark_merged(out, model, provisional.contains)
+        if labels == LABELS_FEDERATED:
+            log.info(
+                "round %d: labels from %d node(s), %d images (%s); global model published again",
+                current.round_id,
+                len(stats),
+                images,
+                why,
+            )
+        self._emit(
+            "relabelled" if labels == LABELS_FEDERATED else "labels_kept",
+            round=current.round_id,
+            labels=labels,
+            nodes=sorted(stats) if labels == LABELS_FEDERATED else [],
+            images=int(metrics["label_images"]),
+            reason=why,
+            bytes=len(out),
+            packets=packets,
+        )
+        self._next_round()
 
     # ---- upstream mode: a site of a root fleet -------------------------------------------
 
@@ -672,6 +926,10 @@ class AggregatorDaemon:
         current = self.state.current
         if current is None or current.phase == "merged":
             return
+        if current.phase == "labelling" and protocol.global_labels(message.model) == (
+            LABELS_PROVISIONAL
+        ):
+            return  # the provisional model again (a root reconnect): already passed down
         if self._serves(message.session, message.round_id):
             self._deliver(message)
 
@@ -753,14 +1011,29 @@ class AggregatorDaemon:
         )
         payload = protocol.encode(message, weight_encoding=self.config.weight_encoding)
         packets = self.channel.send(self.topics.global_model, payload, retain=True)
-        forwarded = current.phase == "forwarded"
-        self.state.mark_merged(payload, root.model, root.contains)
+        labels = protocol.global_labels(root.model)
+        if current.phase == "labelling":
+            reason = "the root's final model"
+        elif current.phase == "forwarded":
+            reason = "root model"
+        else:
+            reason = "root model (the root merged without us)"
+        if labels == LABELS_PROVISIONAL:
+            # The root asks for label statistics: relay our nodes' (see the module doc).
+            deadline = self.clock() + self.config.label_deadline_s
+            self.state.mark_labelling(
+                payload, root.model, root.contains, parent_tag(root.model), deadline
+            )
+        else:
+            self.state.mark_merged(payload, root.model, root.contains)
         log.info(
-            "round %d: the root's model of round %d (%d neurons from %s) published to the site",
+            "round %d: the root's model of round %d (%d neurons from %s, labels %s) "
+            "published to the site",
             current.round_id,
             root.round_id,
             root.model.n_neurons,
             ", ".join(root.contains),
+            labels,
         )
         self._emit(
             "global",
@@ -768,11 +1041,68 @@ class AggregatorDaemon:
             root_round=root.round_id,
             neurons=root.model.n_neurons,
             contains=list(root.contains),
-            reason="root model" if forwarded else "root model (the root merged without us)",
+            reason=reason,
             bytes=len(payload),
             packets=packets,
+            labels=labels,
         )
-        self._next_round()
+        if labels != LABELS_PROVISIONAL:
+            self._next_round()
+
+    def _relay_labels(self, stats: dict[str, LabelStats], why: str) -> None:
+        """Send the sum of the site's nodes' label statistics to the root (they pool
+        exactly: the root's sums over sites are the sums over all nodes)."""
+        assert self.config.upstream is not None
+        current = self.state.current
+        assert current is not None
+        if not stats:
+            log.warning(
+                "round %d: no label statistics from the site's nodes (%s); none relayed",
+                current.round_id,
+                why,
+            )
+            payload = b""  # recorded as relayed: nothing to send, wait for the root
+        else:
+            message = LabelStats(
+                self.config.upstream.site_id,
+                current.upstream_round,
+                current.model_tag,
+                sum(s.class_counts for s in stats.values()),
+                sum(s.response_sums for s in stats.values()),
+                current.upstream_session,
+            )
+            payload = protocol.encode(message)
+        self.state.mark_labels_relayed(payload)
+        self._send_relayed_labels()
+        self._emit(
+            "labels_relayed",
+            round=current.round_id,
+            root_round=current.upstream_round,
+            nodes=sorted(stats),
+            images=sum(s.n_images for s in stats.values()),
+            reason=why,
+        )
+        root = self._root_global
+        if (
+            root is not None
+            and self._serves(root.session, root.round_id)
+            and protocol.global_labels(root.model) != LABELS_PROVISIONAL
+        ):
+            self._deliver(root)  # the root's final model came first
+
+    def _send_relayed_labels(self) -> None:
+        """(Re-)send the site's summed label statistics of the current round upstream."""
+        assert self.upstream is not None and self.config.upstream is not None
+        assert self.root_topics is not None
+        payload = self.state.relayed_labels_payload()
+        if not payload:
+            return
+        try:
+            self.upstream.send(
+                self.root_topics.labels(self.config.upstream.site_id), payload, retain=True
+            )
+        except TransportError as exc:
+            log.warning("the site's label statistics are not acknowledged upstream yet (%s)", exc)
 
     def _after_upstream_reconnect(self) -> None:
         # The root broker may have lost the retained site model with a restart.
@@ -781,6 +1111,8 @@ class AggregatorDaemon:
         self._site_status("training" if current and current.phase == "open" else "online")
         if current is not None and current.phase == "forwarded":
             self._send_forwarded()
+        if current is not None and current.phase == "labelling":
+            self._send_relayed_labels()
 
     def _site_status(
         self, state: str, detail: str = "", round_id: int | None = None, *, wait: bool = False

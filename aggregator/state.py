@@ -4,9 +4,12 @@ Layout of the state directory::
 
     state.json                         the current round: its announcement and phase
     rounds/<R>/updates/<node>.msg      each accepted update, as the bytes that arrived
-    rounds/<R>/global.msg              the published global model message
+    rounds/<R>/labels/<node>.msg       each accepted label statistics message (labelling)
+    rounds/<R>/global.msg              the published global model message (the provisional
+                                       one while labelling, then the final one)
     rounds/<R>/global.estdp            the same model as a model file, for people
     rounds/<R>/forwarded.msg           a site aggregator's site model, as sent upstream
+    rounds/<R>/labels-relayed.msg      a site's summed label statistics, as sent upstream
     rounds/<R>/site.estdp              the same site model as a model file
 
 Every file is written atomically (:mod:`estdp.atomic`): a crash leaves the old file or
@@ -16,6 +19,13 @@ it. Files are decoded again when loaded, so a damaged file is reported and skipp
 never merged. ``state.json`` is rewritten when a round opens and when it is merged; a
 crash between the global model's publication and that rewrite only means the merge is
 done again after the restart, with the same updates.
+
+With federated labels (``aggregator.daemon``, ``labels="federated"``) a round has a phase
+``labelling`` between the two: the provisional global model is published and the nodes'
+label statistics are collected, each stored before it counts (the directory of stats is
+the list of reporters, as for updates); ``state.json`` also records the model tag the
+statistics must name and the label deadline, so that a restart resumes the phase with
+the statistics it had, and the same deadline.
 
 A *site* aggregator (``aggregator.daemon``, upstream mode) has one more phase between
 the two: ``forwarded``, its site model sent upstream and the root's global model not yet
@@ -35,15 +45,16 @@ from estdp import protocol
 from estdp.atomic import atomic_write_bytes, atomic_write_text
 from estdp.errors import ConfigError, ProtocolError
 from estdp.model import SubModel, save_model
-from estdp.protocol import Limits, RoundAnnouncement, SubModelUpdate
+from estdp.protocol import LabelStats, Limits, RoundAnnouncement, SubModelUpdate
 from estdp.topics import is_valid_id
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 # "open": collecting updates; "forwarded": a site model sent upstream, waiting for the
-# root's global model; "merged": the round's global model published to the fleet.
-PHASES = ("open", "forwarded", "merged")
+# root's global model; "labelling": the provisional global model published, collecting
+# the nodes' label statistics; "merged": the round's (final) global model published.
+PHASES = ("open", "forwarded", "labelling", "merged")
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,9 @@ class RoundState:
     # Upstream mode only: the root round this site round serves ("" and 0 otherwise).
     upstream_session: str = ""
     upstream_round: int = 0
+    # Labelling only: the tag of the provisional global model and the label deadline.
+    model_tag: str = ""
+    label_deadline_unix: float = 0.0
 
     @property
     def round_id(self) -> int:
@@ -101,6 +115,9 @@ class AggregatorState:
     def _updates_dir(self, round_id: int) -> Path:
         return self.round_dir(round_id) / "updates"
 
+    def _labels_dir(self, round_id: int) -> Path:
+        return self.round_dir(round_id) / "labels"
+
     # ---- state.json -----------------------------------------------------------------------
 
     def _load(self) -> RoundState | None:
@@ -118,11 +135,21 @@ class AggregatorState:
             # Absent from the state of a flat aggregator (and of earlier versions).
             upstream_session = str(record.get("upstream_session", ""))
             upstream_round = int(record.get("upstream_round", 0))
+            model_tag = str(record.get("model_tag", ""))
+            label_deadline = float(record.get("label_deadline_unix", 0.0))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
                 f"cannot read the aggregator state {self.state_file}: {exc}"
             ) from None
-        return RoundState(announcement, phase, contains, upstream_session, upstream_round)
+        return RoundState(
+            announcement,
+            phase,
+            contains,
+            upstream_session,
+            upstream_round,
+            model_tag,
+            label_deadline,
+        )
 
     def _save(self, state: RoundState) -> None:
         record: dict[str, Any] = {
@@ -134,6 +161,9 @@ class AggregatorState:
         if state.upstream_session or state.upstream_round:
             record["upstream_session"] = state.upstream_session
             record["upstream_round"] = state.upstream_round
+        if state.model_tag:
+            record["model_tag"] = state.model_tag
+            record["label_deadline_unix"] = state.label_deadline_unix
         atomic_write_text(self.state_file, json.dumps(record, indent=1, sort_keys=True) + "\n")
         self.current = state
 
@@ -215,6 +245,86 @@ class AggregatorState:
         save_model(model, directory / "global.estdp")
         self._save(replace(self.current, phase="merged", contains=tuple(contains)))
 
+    def mark_labelling(
+        self,
+        global_payload: bytes,
+        model: SubModel,
+        contains: tuple[str, ...],
+        model_tag: str,
+        label_deadline_unix: float,
+    ) -> None:
+        """Record the provisional global model of the current round, published; the
+        label statistics for ``model_tag`` are collected until ``label_deadline_unix``."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        directory = self.round_dir(self.current.round_id)
+        self._labels_dir(self.current.round_id).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / "global.msg", global_payload)
+        save_model(model, directory / "global.estdp")
+        self._save(
+            replace(
+                self.current,
+                phase="labelling",
+                contains=tuple(contains),
+                model_tag=model_tag,
+                label_deadline_unix=float(label_deadline_unix),
+            )
+        )
+
+    def add_label_stats(self, node_id: str, payload: bytes) -> bool:
+        """Store accepted label statistics of the current round; False if ``node_id``
+        already has some (the first ones count)."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        if not is_valid_id(node_id):
+            raise ConfigError(f"invalid node id {node_id!r}")
+        path = self._labels_dir(self.current.round_id) / f"{node_id}.msg"
+        if path.exists():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, payload)
+        return True
+
+    def label_reporters(self) -> list[str]:
+        """Node ids with label statistics stored for the current round, sorted."""
+        if self.current is None:
+            return []
+        directory = self._labels_dir(self.current.round_id)
+        if not directory.is_dir():
+            return []
+        return sorted(p.stem for p in directory.glob("*.msg") if is_valid_id(p.stem))
+
+    def load_label_stats(self) -> dict[str, LabelStats]:
+        """The stored label statistics of the current round, decoded again; a damaged
+        file is logged and left out."""
+        out: dict[str, LabelStats] = {}
+        if self.current is None:
+            return out
+        for node_id in self.label_reporters():
+            path = self._labels_dir(self.current.round_id) / f"{node_id}.msg"
+            try:
+                stats = protocol.decode_labels(path.read_bytes(), self.limits)
+            except (OSError, ProtocolError) as exc:
+                log.error("skipping the stored label statistics %s: %s", path, exc)
+                continue
+            out[node_id] = stats
+        return out
+
+    def mark_labels_relayed(self, payload: bytes) -> None:
+        """Record the label statistics a site sent upstream for the current round (empty:
+        none to send); written before they are sent, so that a restart sends them again."""
+        if self.current is None:
+            raise ConfigError("no round is open")
+        atomic_write_bytes(self.round_dir(self.current.round_id) / "labels-relayed.msg", payload)
+
+    def relayed_labels_payload(self) -> bytes | None:
+        """The label statistics a site relayed upstream in the current round (b"" when it
+        had none), or None before it relayed."""
+        try:
+            return (self.round_dir(self.last_round_id) / "labels-relayed.msg").read_bytes()
+        except OSError:
+            return None
+
     def mark_forwarded(
         self, update_payload: bytes, model: SubModel, contains: tuple[str, ...]
     ) -> None:
@@ -261,4 +371,6 @@ class AggregatorState:
         }
         if cur is not None and cur.upstream_round:
             out["upstream_round"] = cur.upstream_round
+        if cur is not None and cur.phase == "labelling":
+            out["labels_from"] = self.label_reporters()
         return out

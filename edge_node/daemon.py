@@ -13,6 +13,14 @@ A round, from a node's side::
     global    GlobalModel r (retained, verified by the protocol's checksums) is written
               atomically to the state directory, evaluated on local test data, and the
               metrics go to estdp/<fleet>/nodes/<id>/metrics
+    labels    when that model's labels are provisional (note labels=provisional), the
+              node first runs it frozen on its labelled training images and publishes
+              LabelStats(r, tag, per-class image counts, per-class spike-count sums) to
+              estdp/<fleet>/nodes/<id>/labels (retained, QoS 1; kept on disk and sent
+              again after a reconnect until the round's final model is installed)
+    final     the same round's global model again, with the pooled labels: installed
+              atomically in place of the provisional one (same weights), evaluated and
+              reported again. A node that comes late installs the final one directly.
 
 The status topic (retained) says online / training / offline; the connection's last will
 says offline. Training runs in the daemon's thread, never in the network thread, and a
@@ -32,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -40,9 +48,19 @@ from estdp import protocol
 from estdp.atomic import atomic_write_bytes, atomic_write_text
 from estdp.backend import Backend
 from estdp.errors import ConfigError, EstdpError, ModelFileError, ProtocolError, TransportError
+from estdp.lineage import parent_tag
 from estdp.model import SubModel, load_model, save_model
 from estdp.params import NetworkParams
-from estdp.protocol import GlobalModel, NodeMetrics, NodeStatus, RoundAnnouncement, SubModelUpdate
+from estdp.protocol import (
+    LABELS_PROVISIONAL,
+    GlobalModel,
+    LabelStats,
+    NodeMetrics,
+    NodeStatus,
+    RoundAnnouncement,
+    SubModelUpdate,
+    global_labels,
+)
 from estdp.topics import Topics, validate_id
 from estdp.transport.base import Will
 from estdp.transport.channel import Channel, Received
@@ -65,6 +83,49 @@ class TrainOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class LabelCounts(NamedTuple):
+    """A node's label statistics for one model (see :func:`label_statistics`)."""
+
+    class_counts: np.ndarray  # (C,) int64: labelled images per class
+    response_sums: np.ndarray  # (C, N) float64: spike counts summed per class
+
+
+def label_statistics(
+    spike_counts: np.ndarray, image_labels: np.ndarray, n_classes: int
+) -> LabelCounts:
+    """Per-class image counts and per-class sums of each neuron's spike counts.
+
+    ``edge_node.labels.assign_labels`` divides the second by the first; sent instead of
+    the quotient, they can be pooled over nodes exactly (:mod:`aggregator.federated_labels`).
+
+    Parameters
+    ----------
+    spike_counts
+        (n, N) spike counts of the frozen model on n images.
+    image_labels
+        (n,) classes in ``[0, n_classes)``.
+    n_classes
+        C.
+
+    Raises
+    ------
+    ConfigError
+        The shapes disagree or a label is out of range.
+    """
+    counts = np.asarray(spike_counts, dtype=np.float64)
+    labels = np.asarray(image_labels)
+    if counts.ndim != 2 or labels.shape != (counts.shape[0],):
+        raise ConfigError(
+            f"spike counts (n, N) and labels (n,) do not match: {counts.shape} and {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ConfigError(f"labels must lie in [0, {n_classes})")
+    labels = labels.astype(np.int64)
+    sums = np.zeros((n_classes, counts.shape[1]), np.float64)
+    np.add.at(sums, labels, counts)
+    return LabelCounts(np.bincount(labels, minlength=n_classes).astype(np.int64), sums)
+
+
 class Trainer(Protocol):
     """What a node does with its data."""
 
@@ -77,6 +138,10 @@ class Trainer(Protocol):
     ) -> TrainOutcome: ...
 
     def evaluate(self, model: SubModel) -> dict[str, float]: ...
+
+    def label_stats(self, model: SubModel, round_id: int) -> LabelCounts:
+        """Label statistics of ``model`` (frozen) on the node's labelled images."""
+        ...
 
 
 class LocalTrainer:
@@ -92,6 +157,9 @@ class LocalTrainer:
         Network parameters and array backend.
     node_id, seed
         Provenance; round ``r`` trains with seed ``seed + r``.
+    label_images
+        Cap on the training images the label statistics of a global model are measured
+        on (a seeded random subset; None: all of them).
     """
 
     def __init__(
@@ -105,11 +173,13 @@ class LocalTrainer:
         *,
         node_id: str,
         seed: int = 0,
+        label_images: int | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.test_images, self.test_labels = test_images, test_labels
         self.params, self.backend = params, backend
         self.node_id, self.seed = node_id, seed
+        self.label_images = label_images
 
     def train(
         self,
@@ -142,6 +212,28 @@ class LocalTrainer:
                 "neurons_labelled": float((run.model.labels >= 0).sum()),
             },
         )
+
+    def label_stats(self, model: SubModel, round_id: int) -> LabelCounts:
+        from edge_node.workflow import spike_counts
+
+        images, labels = self.images, self.labels
+        total = int(images.shape[0])
+        if self.label_images is not None and self.label_images < total:
+            # A subset that does not depend on how the shard is ordered (e.g. by class).
+            pick = np.sort(
+                np.random.default_rng(self.seed).choice(total, self.label_images, replace=False)
+            )
+            images, labels = images[pick], labels[pick]
+        # The seed of train_model's own label pass in round r (seed + r, plus one).
+        counts = spike_counts(
+            model.weights,
+            model.thetas,
+            images,
+            model.params,
+            self.backend,
+            seed=self.seed + round_id + 1,
+        )
+        return label_statistics(counts, labels, model.n_classes)
 
     def evaluate(self, model: SubModel) -> dict[str, float]:
         if self.test_images.shape[0] == 0:
@@ -251,6 +343,10 @@ class NodeDaemon:
         self.published_round = 0
         self.pending_update: bytes | None = None  # sent, global model not yet installed
         self.global_model: SubModel | None = None
+        # Label statistics sent for the installed provisional global model, and which
+        # (session:round:tag) they answer; re-sent after a reconnect until the final one.
+        self.pending_labels: bytes | None = None
+        self.labels_sent = ""
         self.session: str | None = None  # the aggregator session this node follows
         self._todo: RoundAnnouncement | None = None
         self._connects_seen = 0
@@ -283,6 +379,7 @@ class NodeDaemon:
             self.installed_round = int(record.get("installed_round", 0))
             self.published_round = int(record.get("published_round", 0))
             self.session = record.get("session")
+            self.labels_sent = str(record.get("labels_sent", ""))
         except (ValueError, TypeError, AttributeError) as exc:
             # Garbled counters only cost a round trained again; refusing to start would
             # cost the node until someone deletes the file.
@@ -300,6 +397,12 @@ class NodeDaemon:
                 self.pending_update = pending.read_bytes()
             except OSError as exc:
                 raise _state_error("read", pending, exc) from None
+        labels = self._path("labels.msg")
+        if self.labels_provisional and self.labels_sent and labels is not None and labels.exists():
+            try:
+                self.pending_labels = labels.read_bytes()
+            except OSError as exc:
+                raise _state_error("read", labels, exc) from None
 
     def _save_state(self) -> None:
         state_file = self._path("node.json")
@@ -308,11 +411,20 @@ class NodeDaemon:
                 "session": self.session,
                 "installed_round": self.installed_round,
                 "published_round": self.published_round,
+                "labels_sent": self.labels_sent,
             }
             try:
                 atomic_write_text(state_file, json.dumps(record) + "\n")
             except OSError as exc:
                 raise _state_error("write", state_file, exc) from None
+
+    @property
+    def labels_provisional(self) -> bool:
+        """Whether the installed global model's labels are provisional (its final model,
+        with the pooled labels, is still to come)."""
+        return self.global_model is not None and (
+            global_labels(self.global_model) == LABELS_PROVISIONAL
+        )
 
     # ---- life cycle ---------------------------------------------------------------------
 
@@ -378,6 +490,7 @@ class NodeDaemon:
         self.installed_round = self.published_round = 0
         self.pending_update = None
         self.global_model = None
+        self.pending_labels, self.labels_sent = None, ""
         self._todo = None
         self._save_state()
 
@@ -465,26 +578,51 @@ class NodeDaemon:
     def _resend_pending(self) -> None:
         if self.pending_update is not None and self.published_round > self.installed_round:
             self._publish_update(self.pending_update, self.published_round)
+        if self.pending_labels is not None and self.labels_provisional:
+            self._publish_labels(self.pending_labels, self.installed_round)
 
     def _install(self, message: GlobalModel) -> None:
         rid = message.round_id
-        if rid <= self.installed_round:
+        labels = global_labels(message.model)
+        provisional = labels == LABELS_PROVISIONAL
+        if rid < self.installed_round:
+            return
+        replacing = rid == self.installed_round
+        if replacing and (provisional or not self.labels_provisional):
+            # The model installed already, again (a retained copy after a restart or a
+            # reconnect): only label statistics not sent yet are still owed.
+            if provisional and self.labels_provisional:
+                self._send_label_stats(message)
             return
         if self.global_path is not None:
+            # Atomic: a crash leaves the provisional model or the final one, never a mix.
             save_model(message.model, self.global_path)
         self.global_model = message.model
         self.installed_round = rid
         if self.published_round <= rid:
             self.pending_update = None
+        if not provisional:
+            self.pending_labels = None
         self._save_state()
-        log.info("round %d: installed the global model (%d neurons)", rid, message.model.n_neurons)
+        log.info(
+            "round %d: installed the global model (%d neurons, labels %s%s)",
+            rid,
+            message.model.n_neurons,
+            labels,
+            ", in place of the provisional one" if replacing else "",
+        )
         self._emit(
             "installed",
             round=rid,
             neurons=message.model.n_neurons,
             contains=list(message.contains),
             path=str(self.global_path) if self.global_path else None,
+            labels=labels,
+            replaced=replacing,
         )
+        if provisional:
+            # Before the evaluation: the aggregator waits for these, not for the metrics.
+            self._send_label_stats(message)
         try:
             metrics = self.trainer.evaluate(message.model)
         except EstdpError as exc:
@@ -497,6 +635,69 @@ class NodeDaemon:
                 wait=False,
             )
             self._emit("metrics", round=rid, metrics=metrics)
+
+    def _send_label_stats(self, message: GlobalModel) -> None:
+        """Measure the provisional global model on the local labelled images and publish
+        the statistics (once per session, round and model)."""
+        rid = message.round_id
+        tag = parent_tag(message.model)
+        key = f"{message.session}:{rid}:{tag}"
+        if self.labels_sent == key:
+            return  # already sent; a reconnect sends them again
+        started = time.perf_counter()
+        try:
+            counts = self.trainer.label_stats(message.model, rid)
+        except EstdpError as exc:
+            log.error("round %d: label statistics failed: %s", rid, exc)
+            self._emit("error", round=rid, message=f"label statistics failed: {exc}")
+            return
+        stats = LabelStats(
+            self.config.node_id,
+            rid,
+            tag,
+            counts.class_counts,
+            counts.response_sums,
+            message.session,
+        )
+        payload = protocol.encode(stats)
+        self.pending_labels, self.labels_sent = payload, key
+        path = self._path("labels.msg")
+        if path is not None:
+            try:
+                atomic_write_bytes(path, payload)
+            except OSError as exc:
+                raise _state_error("write", path, exc) from None
+        self._save_state()
+        self._publish_labels(payload, rid)
+        seconds = time.perf_counter() - started
+        log.info(
+            "round %d: label statistics of the global model on %d images sent (%.1f s)",
+            rid,
+            stats.n_images,
+            seconds,
+        )
+        self._emit(
+            "label_stats_sent",
+            round=rid,
+            images=stats.n_images,
+            seconds=round(seconds, 3),
+            bytes=len(payload),
+        )
+
+    def _publish_labels(self, payload: bytes, round_id: int) -> None:
+        try:
+            self.channel.send(
+                self.topics.labels(self.config.node_id),
+                payload,
+                retain=True,
+                timeout=self.config.publish_timeout_s,
+            )
+        except TransportError as exc:
+            log.warning(
+                "round %d: label statistics not acknowledged yet (%s); re-sent after a reconnect",
+                round_id,
+                exc,
+            )
 
     # ---- status -------------------------------------------------------------------------
 

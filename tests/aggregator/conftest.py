@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from edge_node.daemon import Progress, TrainOutcome
+from edge_node.daemon import LabelCounts, Progress, TrainOutcome
+from estdp.errors import EstdpError
 from estdp.model import SubModel, new_model
 from estdp.params import NetworkParams
 from estdp.protocol import RoundAnnouncement
@@ -18,11 +19,15 @@ from estdp.protocol import RoundAnnouncement
 class FakeTrainer:
     """Random weights seeded by node and round, in ``seconds`` of fake work."""
 
-    def __init__(self, node_id: str, seconds: float = 0.0, lineage: bool = False) -> None:
+    def __init__(
+        self, node_id: str, seconds: float = 0.0, lineage: bool = False, labels: bool = True
+    ) -> None:
         self.node_id = node_id
         self.seconds = seconds
         self.lineage = lineage  # record class counts and the parent, as workflow does
+        self.labels = labels  # False: label statistics fail (the node sends none)
         self.starts: list[SubModel | None] = []
+        self.label_calls: list[tuple[int, str]] = []  # (round, the model's labels note)
 
     def train(
         self,
@@ -57,6 +62,17 @@ class FakeTrainer:
 
     def evaluate(self, model: SubModel) -> dict[str, float]:
         return {"accuracy": float(model.weights.mean())}
+
+    def label_stats(self, model: SubModel, round_id: int) -> LabelCounts:
+        """Made-up statistics, seeded by node and round; a class without images has no
+        responses, as real ones."""
+        self.label_calls.append((round_id, model.provenance.notes.get("labels", "")))
+        if not self.labels:
+            raise EstdpError(f"{self.node_id}: no labelled images")
+        rng = np.random.default_rng(zlib.crc32(f"labels/{self.node_id}/{round_id}".encode()))
+        counts = rng.integers(0, 20, model.n_classes)
+        sums = counts[:, None] * rng.random((model.n_classes, model.n_neurons)) * 4.0
+        return LabelCounts(counts.astype(np.int64), sums)
 
 
 def concat_merge(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from aggregator.daemon import AggregatorConfig, AggregatorDaemon, report_metrics
 from aggregator.state import AggregatorState
 from edge_node.daemon import NodeConfig, NodeDaemon
 from estdp import protocol
+from estdp.arrays import encode_array
 from estdp.errors import ConfigError
 from estdp.model import load_model
 from estdp.topics import Topics
@@ -125,6 +128,8 @@ def test_below_quorum_at_the_deadline_it_waits_then_merges_on_the_last_needed(fl
     fleet.step(2, nodes=[])
     assert "waiting_for_quorum" in fleet.kinds() and not fleet.agg.done
     fleet.step(nodes=["n2"])
+    assert "global" in fleet.kinds()  # merged; the labelling waits for n0 and n1 too
+    fleet.step()
     assert fleet.agg.done
 
 
@@ -232,3 +237,218 @@ def test_the_configured_removal_rule_reaches_the_merge(
     assert fleet.agg.done and seen and seen[0]["rule"] == "theta"
     with pytest.raises(ConfigError, match="unknown removal rule"):
         AggregatorConfig(nodes=2, target=5, rule="random")
+
+
+# ---- federated labels: the labelling phase ----------------------------------------------
+
+
+def expected_pool(fleet: Fleet, model, nodes: list[str]):
+    """What the aggregator should pool: the fake trainers' statistics of ``model``."""
+    from aggregator.federated_labels import pool
+
+    return pool([fleet.trainers[n].label_stats(model, 1) for n in nodes])
+
+
+def test_a_round_ends_with_every_node_holding_the_relabelled_global(
+    tmp_path: Path, fake_trainer, merge_fn
+) -> None:
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, rounds=2)
+    fleet.step(1)  # train, publish, merge: the provisional global model is out
+    provisional = protocol.decode_global(fleet.agg.state.global_payload(1)).model
+    assert protocol.global_labels(provisional) == protocol.LABELS_PROVISIONAL
+    assert fleet.agg.state.current.phase == "labelling" and not fleet.agg.done
+    fleet.step(6)
+    assert fleet.agg.done
+    kinds = fleet.kinds()
+    # Round 2 is announced only once round 1's labels are in.
+    first_labelled = kinds.index("relabelled")
+    assert kinds.index("labelling") < first_labelled
+    assert [e["round"] for e in fleet.events if e["event"] == "round_open"] == [1, 2]
+    round_two = next(i for i, e in enumerate(fleet.events) if e.get("round") == 2)
+    assert first_labelled < round_two
+    relabelled = fleet.events[first_labelled]
+    assert relabelled["nodes"] == ["n0", "n1", "n2"] and relabelled["round"] == 1
+    want = expected_pool(fleet, provisional, ["n0", "n1", "n2"])
+    assert relabelled["images"] == want.images
+    final = protocol.decode_global(fleet.agg.state.global_payload(1))
+    assert protocol.global_labels(final.model) == protocol.LABELS_FEDERATED
+    np.testing.assert_array_equal(final.model.labels, want.labels)
+    np.testing.assert_array_equal(final.model.weights, provisional.weights)  # same weights
+    assert final.metrics["label_nodes"] == 3 and final.metrics["label_images"] == want.images
+    assert final.contains == ("n0", "n1", "n2")
+    # Every node installed it in place of the provisional one, and trained round 2 from it.
+    for nid, trainer in fleet.trainers.items():
+        assert trainer.label_calls[0] == (1, protocol.LABELS_PROVISIONAL), nid
+        np.testing.assert_array_equal(trainer.starts[1].labels, want.labels)
+    assert all(node.installed_round == 2 for node in fleet.nodes.values())
+    assert all(not node.labels_provisional for node in fleet.nodes.values())
+
+
+def test_nodes_install_the_final_model_atomically_and_report_metrics_again(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    reports = channel(fleet.broker, "observer")
+    reports.transport.subscribe(f"{TOPICS.root}/nodes/+/metrics")
+    fleet.step()
+    assert fleet.agg.done
+    final = protocol.decode_global(fleet.agg.state.global_payload(1)).model
+    for nid in fleet.nodes:
+        installed = load_model(tmp_path / nid / "global.estdp")
+        assert protocol.global_labels(installed) == protocol.LABELS_FEDERATED
+        np.testing.assert_array_equal(installed.labels, final.labels)
+    metrics = [r.message for r in reports.poll_batch(0)]
+    # Once for the provisional model, once for the final one.
+    assert sorted(m.node_id for m in metrics) == ["n0", "n0", "n1", "n1", "n2", "n2"]
+
+
+def test_a_node_that_never_sends_stats_meets_the_label_deadline(fleet: Fleet) -> None:
+    fleet.trainers["n2"].labels = False  # n2 cannot measure: it sends none
+    fleet.step()
+    assert not fleet.agg.done and fleet.agg.state.label_reporters() == ["n0", "n1"]
+    fleet.clock.now += 121  # --label-deadline 120 by default
+    fleet.step()
+    assert fleet.agg.done
+    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    assert relabelled["nodes"] == ["n0", "n1"]
+    assert "label deadline" in relabelled["reason"] and "n2" in relabelled["reason"]
+    # n2 still installs the final model (from the others' statistics).
+    assert not fleet.nodes["n2"].labels_provisional and fleet.nodes["n2"].installed_round == 1
+
+
+def test_no_stats_at_the_label_deadline_keeps_the_labels_and_says_so(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    for trainer in fleet.trainers.values():
+        trainer.labels = False
+    fleet.step()
+    provisional = protocol.decode_global(fleet.agg.state.global_payload(1)).model
+    fleet.clock.now += 121
+    fleet.step()
+    assert fleet.agg.done and "labels_kept" in fleet.kinds()
+    assert "keeps the sub-models' labels" in caplog.text
+    final = protocol.decode_global(fleet.agg.state.global_payload(1))
+    assert protocol.global_labels(final.model) == protocol.LABELS_KEPT
+    np.testing.assert_array_equal(final.model.labels, provisional.labels)
+    assert final.metrics["label_nodes"] == 0
+    assert all(not node.labels_provisional for node in fleet.nodes.values())
+
+
+def test_an_aggregator_restart_mid_labelling_keeps_the_stats_and_the_deadline(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.step(1)  # merged: labelling
+    fleet.step(1, nodes=["n0"])  # n0's statistics are stored
+    assert fleet.agg.state.label_reporters() == ["n0"]
+    deadline = fleet.agg.state.current.label_deadline_unix
+    fleet.agg.channel.transport.abort()  # killed
+    fleet.agg = None
+    fleet.step(1, nodes=["n1"])  # sent while no aggregator listens (retained)
+    fleet.clock.now += 60
+    fleet.agg = fleet.new_aggregator()
+    resumed = next(e for e in fleet.events if e["event"] == "resumed")
+    assert resumed["phase"] == "labelling" and resumed["labels_from"] == ["n0"]
+    assert fleet.agg.state.current.label_deadline_unix == deadline  # not restarted
+    fleet.step()
+    assert fleet.agg.done
+    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    assert relabelled["nodes"] == ["n0", "n1", "n2"]
+    assert all(node.installed_round == 1 for node in fleet.nodes.values())
+    assert all(not node.labels_provisional for node in fleet.nodes.values())
+
+
+def test_bad_label_stats_are_rejected_and_the_daemon_keeps_serving(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aggregator.daemon")
+    fleet.step(1)  # labelling, no statistics yet
+    current = fleet.agg.state.current
+    session, tag = current.announcement.session, current.model_tag
+    counts = np.full(10, 5, np.int64)
+    good = np.ones((10, 12))
+
+    def stats(node: str, **kw) -> protocol.LabelStats:
+        fields = {
+            "node_id": node,
+            "round_id": 1,
+            "model_tag": tag,
+            "class_counts": counts,
+            "response_sums": good,
+            "session": session,
+            **kw,
+        }
+        return protocol.LabelStats(**fields)
+
+    rogue = channel(fleet.broker, "rogue")
+    rogue.send(TOPICS.labels("n0"), stats("n1"))  # n1's statistics on n0's topic
+    rogue.send(TOPICS.labels("n5"), stats("n5", response_sums=np.ones((10, 7))))  # 7 neurons
+    rogue.send(TOPICS.labels("n6"), stats("n6", model_tag="ffffffffffffffff"))  # other model
+    rogue.send(TOPICS.labels("n7"), stats("n7", round_id=7))  # no such round
+    rogue.send(TOPICS.labels("n8"), stats("n8", session="0123456789abcdef"))  # another run
+    body = msgpack.unpackb(protocol.encode(stats("n9")), raw=False)
+    body["body"]["response_sums"] = encode_array(-good)
+    rogue.transport.publish(TOPICS.labels("n9"), msgpack.packb(body, use_bin_type=True))
+    body["body"]["response_sums"] = encode_array(good * np.inf)
+    rogue.transport.publish(TOPICS.labels("n10"), msgpack.packb(body, use_bin_type=True))
+    rogue.transport.publish(TOPICS.labels("n11"), b"\x93garbage")
+    fleet.step(1, nodes=[])
+    rejected = [e["reason"] for e in fleet.events if e["event"] == "rejected"]
+    assert any("arrived on" in r for r in rejected)
+    assert any("(10, 7)" in r for r in rejected)
+    assert any("ffffffffffffffff" in r for r in rejected)
+    assert any("round 7, which is not being labelled" in r for r in rejected)
+    assert "another session" in caplog.text
+    assert "negative sum" in caplog.text and "NaN or inf" in caplog.text
+    assert "not valid msgpack" in caplog.text
+    assert fleet.agg.state.label_reporters() == []  # none of them counts
+    fleet.step()
+    assert fleet.agg.done  # still serving
+    assert next(e for e in fleet.events if e["event"] == "relabelled")["nodes"] == [
+        "n0",
+        "n1",
+        "n2",
+    ]
+
+
+def test_labels_kept_skips_the_labelling_phase(tmp_path: Path, fake_trainer, merge_fn) -> None:
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, labels="kept")
+    fleet.step(1)
+    assert fleet.agg.done and fleet.agg.state.current.phase == "merged"
+    assert "labelling" not in fleet.kinds()
+    assert next(e for e in fleet.events if e["event"] == "global")["labels"] == "kept"
+    fleet.step()
+    assert all(t.label_calls == [] for t in fleet.trainers.values())
+    installed = load_model(tmp_path / "n0" / "global.estdp")
+    assert protocol.global_labels(installed) == protocol.LABELS_KEPT
+    with pytest.raises(ConfigError, match="--labels"):
+        AggregatorConfig(nodes=2, target=5, labels="guessed")
+    with pytest.raises(ConfigError, match="--label-deadline"):
+        AggregatorConfig(nodes=2, target=5, label_deadline_s=0)
+
+
+def test_labelling_state_survives_reload(tmp_path: Path) -> None:
+    state = AggregatorState(tmp_path)
+    ann = protocol.RoundAnnouncement(2, 10, 20, "mse", 123.0, 3, 2, session="00ff")
+    state.open_round(ann)
+    from estdp.model import new_model
+    from estdp.params import NetworkParams
+
+    model = new_model(
+        np.ones((784, 4), np.float32), np.zeros(4, np.float32), NetworkParams(),
+        node_id="aggregator", images_seen=1, seed=0,
+    )  # fmt: skip
+    payload = protocol.encode(protocol.GlobalModel(2, model, ("n1",), session="00ff"))
+    state.mark_labelling(payload, model, ("n1",), "0123456789abcdef", 456.0)
+    stats = protocol.LabelStats(
+        "n1", 2, "0123456789abcdef", np.ones(10, np.int64), np.ones((10, 4)), "00ff"
+    )
+    assert state.add_label_stats("n1", protocol.encode(stats))
+    assert not state.add_label_stats("n1", b"again")  # the first one counts
+    again = AggregatorState(tmp_path)
+    cur = again.current
+    assert (cur.phase, cur.model_tag, cur.label_deadline_unix) == (
+        "labelling",
+        "0123456789abcdef",
+        456.0,
+    )
+    assert again.label_reporters() == ["n1"] and again.summary()["labels_from"] == ["n1"]
+    np.testing.assert_array_equal(again.load_label_stats()["n1"].response_sums, np.ones((10, 4)))

@@ -69,7 +69,9 @@ class Harness:
         self.threads.append((thread, stop, channel))
 
     def aggregator(self, limits: Limits | None = None, **cfg) -> AggregatorDaemon:
-        config = AggregatorConfig(fleet=self.fleet, neurons_per_node=5, target=12, **cfg)
+        config = AggregatorConfig(
+            **{"fleet": self.fleet, "neurons_per_node": 5, "target": 12, **cfg}
+        )
         agg = AggregatorDaemon(
             config,
             self.channel("aggregator", limits=limits),
@@ -229,3 +231,63 @@ def test_garbage_and_oversized_payloads_are_rejected_and_the_round_completes(
     assert agg.channel.rejected >= 2
     assert "300000 bytes exceed the limit" in caplog.text and "not valid msgpack" in caplog.text
     rogue.transport.close()
+
+
+def test_federated_labels_with_the_real_engine_equal_labels_from_all_the_images(
+    broker_url: str, harness_for, mnist_dir: Path
+) -> None:
+    """Three nodes train real (tiny) sub-models on 100 MNIST images each, the real merge
+    prunes them, and the labelling phase re-assigns the global model's labels: every node
+    ends with the same relabelled model, whose labels are what assign_labels gives on the
+    three nodes' spike counts together (each node simulated with its own label-pass seed)."""
+    from aggregator.daemon import default_merge
+    from edge_node.daemon import LocalTrainer
+    from edge_node.labels import assign_labels
+    from edge_node.workflow import spike_counts
+    from estdp import protocol
+    from estdp.backend import resolve_backend
+    from estdp.datasets import load_mnist
+    from estdp.params import BINDSNET
+
+    backend = resolve_backend("auto")
+    images, labels = load_mnist("train", mnist_dir, limit=300)
+    h = harness_for(broker_url)
+    h.merge_fn = default_merge
+    agg = h.aggregator(nodes=3, target=15, neurons_per_node=8, labels="federated")
+    shards = {f"n{i}": slice(100 * i, 100 * (i + 1)) for i in range(3)}
+    nodes = []
+    for i, (nid, part) in enumerate(shards.items()):
+        trainer = LocalTrainer(
+            images[part], labels[part], images[:0], labels[:0], BINDSNET, backend,
+            node_id=nid, seed=10 * i,
+        )  # fmt: skip
+        cfg = NodeConfig(nid, h.fleet, state_dir=h.tmp / nid)
+        node = NodeDaemon(cfg, h.channel(nid, cfg.will()), trainer)
+        h._spawn(lambda stop, node=node: node.run(poll_s=0.05), node.stop, node.channel)
+        nodes.append(node)
+    wait_for(
+        lambda: all(n.installed_round == 1 and not n.labels_provisional for n in nodes),
+        60,
+        "every node to install the relabelled global model",
+    )
+    wait_for(lambda: agg.done, 5, "the aggregator to finish")
+    final = load_model(nodes[0].global_path)  # type: ignore[arg-type]
+    assert protocol.global_labels(final) == protocol.LABELS_FEDERATED
+    for node in nodes[1:]:
+        again = load_model(node.global_path)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(again.labels, final.labels)
+        np.testing.assert_array_equal(again.weights, final.weights)
+    counts = np.concatenate(
+        [
+            spike_counts(
+                final.weights, final.thetas, images[part], final.params, backend,
+                seed=10 * i + 1 + 1,  # LocalTrainer: seed + round + 1
+            )
+            for i, part in enumerate(shards.values())
+        ]
+    )  # fmt: skip
+    want_labels, want_rates = assign_labels(counts, labels[:300])
+    np.testing.assert_array_equal(final.labels, want_labels)
+    np.testing.assert_allclose(final.class_rates, want_rates, rtol=1e-6)
+    relabelled = next(e for e in h.events if e["event"] == "relabelled")
+    assert relabelled["nodes"] == ["n0", "n1", "n2"] and relabelled["images"] == 300

@@ -188,8 +188,11 @@ def test_a_site_the_root_merged_without_still_delivers_the_root_model(
     h.root.config = AggregatorConfig(nodes=2, target=8, neurons_per_node=6, fleet=ROOT, min_nodes=1)
     h.step(nodes=SITES["site-a"])
     h.clock.now += 601
-    h.step(2, nodes=SITES["site-a"])
+    # Merge, pass the provisional model down, relay site-a's label statistics, pool.
+    h.step(4, nodes=SITES["site-a"])
     assert h.root.done
+    relabelled = next(e for e in h.events["root"] if e["event"] == "relabelled")
+    assert relabelled["nodes"] == ["site-a"]
     assert next(e for e in h.events["root"] if e["event"] == "global")["contains"] == ["site-a"]
     # site-b never forwarded, but its nodes get the root's model all the same.
     assert h.sites["site-b"].done

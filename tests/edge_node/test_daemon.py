@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_node.daemon import NodeConfig, NodeDaemon, TrainOutcome
+from aggregator.federated_labels import with_labels_note
+from edge_node.daemon import LabelCounts, NodeConfig, NodeDaemon, TrainOutcome
 from estdp import protocol
 from estdp.errors import ConfigError
+from estdp.lineage import parent_tag
 from estdp.model import load_model, new_model
 from estdp.params import NetworkParams
 from estdp.protocol import GlobalModel, RoundAnnouncement
@@ -48,6 +50,11 @@ class Trainer:
 
     def evaluate(self, m):
         return {"accuracy": 0.5}
+
+    def label_stats(self, m, round_id):
+        self.label_calls = getattr(self, "label_calls", []) + [round_id]
+        counts = np.arange(10, dtype=np.int64)  # class 0: no images
+        return LabelCounts(counts, counts[:, None] * np.ones((10, m.n_neurons)))
 
 
 def connect(broker: MemoryBroker, cid: str, will=None) -> Channel:
@@ -233,3 +240,90 @@ def test_garbled_state_counters_are_ignored(agg_side, tmp_path: Path) -> None:
     (tmp_path / "n1" / "node.json").write_text("{not json")
     node, _ = make_node(broker, tmp_path)
     assert node.installed_round == 0 and node.published_round == 0
+
+
+# ---- federated labels: a provisional global model, then the final one ------------------
+
+
+def noted(m, labels: str):
+    return with_labels_note(m, labels)
+
+
+def test_a_provisional_global_gets_label_stats_then_the_final_replaces_it(
+    agg_side, tmp_path: Path
+) -> None:
+    broker, agg = agg_side
+    trainer = Trainer()
+    node, events = make_node(broker, tmp_path, trainer)
+    announce(agg, 1)
+    node.step(0)
+    received(agg)
+    provisional = noted(model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL)
+    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
+    node.step(0)
+    msgs = received(agg)
+    (stats,) = [m for m in msgs if isinstance(m, protocol.LabelStats)]
+    assert (stats.node_id, stats.round_id, stats.model_tag) == ("n1", 1, parent_tag(provisional))
+    assert stats.class_counts.tolist() == list(range(10)) and stats.response_sums.shape == (10, 8)
+    assert TOPICS.labels("n1") in broker.retained  # an aggregator restart still sees them
+    assert node.labels_provisional and trainer.label_calls == [1]
+    assert len([m for m in msgs if isinstance(m, protocol.NodeMetrics)]) == 1
+    # The same provisional model again (retained, after a reconnect): no second pass.
+    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
+    node.step(0)
+    assert trainer.label_calls == [1]
+    final = noted(
+        new_model(
+            provisional.weights, provisional.thetas, NetworkParams(), node_id="aggregator",
+            images_seen=7, seed=0, labels=np.full(8, 3),
+        ),
+        protocol.LABELS_FEDERATED,
+    )  # fmt: skip
+    agg.send(TOPICS.global_model, GlobalModel(1, final, ("n1",)), retain=True)
+    node.step(0)
+    installed = load_model(tmp_path / "n1" / "global.estdp")
+    assert installed.labels.tolist() == [3] * 8 and not node.labels_provisional
+    assert node.installed_round == 1 and node.pending_labels is None
+    done = [e for e in events if e["event"] == "installed"]
+    assert [(e["labels"], e["replaced"]) for e in done] == [
+        ("provisional", False),
+        ("federated", True),
+    ]
+    (again,) = [m for m in received(agg) if isinstance(m, protocol.NodeMetrics)]
+    assert again.round_id == 1  # metrics reported again, for the final model
+    # A provisional copy arriving after the final one changes nothing.
+    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)))
+    node.step(0)
+    assert load_model(tmp_path / "n1" / "global.estdp").labels.tolist() == [3] * 8
+
+
+def test_a_restarted_node_resends_its_label_stats_without_measuring_again(
+    agg_side, tmp_path: Path
+) -> None:
+    broker, agg = agg_side
+    trainer = Trainer()
+    node, _ = make_node(broker, tmp_path, trainer)
+    provisional = noted(model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL)
+    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
+    node.step(0)
+    assert trainer.label_calls == [1]
+    node.channel.transport.abort()
+    received(agg)
+    del broker.retained[TOPICS.labels("n1")]  # as if the broker lost it
+    again, _ = make_node(broker, tmp_path, trainer)  # same state directory
+    assert again.labels_provisional and again.pending_labels is not None
+    assert any(isinstance(m, protocol.LabelStats) for m in received(agg))  # re-sent on start
+    again.step(0)  # the retained provisional model arrives again
+    assert trainer.label_calls == [1]
+
+
+def test_a_late_node_installs_the_final_model_without_measuring(agg_side, tmp_path: Path) -> None:
+    broker, agg = agg_side
+    trainer = Trainer()
+    final = noted(model(8, 0.2, "aggregator"), protocol.LABELS_FEDERATED)
+    agg.send(TOPICS.global_model, GlobalModel(1, final, ("n1",)), retain=True)
+    node, _ = make_node(broker, tmp_path, trainer)
+    node.step(0)
+    assert node.installed_round == 1 and not node.labels_provisional
+    assert getattr(trainer, "label_calls", []) == []
+    assert not any(isinstance(m, protocol.LabelStats) for m in received(agg))
