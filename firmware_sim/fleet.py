@@ -76,6 +76,8 @@ class FleetConfig:
     rounds: int = 1
     continued_merge: str = "average"  # rounds after the first (aggregator --continued-merge)
     rule: str = DEFAULT_RULE  # removal rule of the merge (aggregator --rule)
+    labels: str = "federated"  # labels of the global model (aggregator --labels)
+    label_deadline_s: float | None = None  # None: default_label_deadline
     images: int = 30000
     offset: int = 0
     partition: partitions.PartitionSpec = field(default_factory=partitions.PartitionSpec)
@@ -101,6 +103,8 @@ class FleetConfig:
     site_target: int | None = None  # neurons of each site model (None: site_target_for)
 
     def __post_init__(self) -> None:
+        if self.labels not in ("kept", "federated"):
+            raise ConfigError(f"--labels must be kept or federated, got {self.labels!r}")
         if not 1 <= self.sites <= self.nodes:
             raise ConfigError(f"--sites must be in 1..{self.nodes} (the nodes), got {self.sites}")
         if self.site_target is not None and self.sites < 2:
@@ -171,7 +175,7 @@ class FleetOutcome:
     class_counts: dict[str, list[int]]
     round_ids: list[int]
     updates: dict[int, dict[str, Path]]  # round -> node -> saved update
-    globals_: dict[int, Path]  # round -> saved global model
+    globals_: dict[int, Path]  # round -> saved final global model (after its labelling)
     global_metrics: dict[int, dict[str, float]]
     node_metrics: dict[int, dict[str, dict[str, float]]]  # round -> node -> metrics
     device_seconds: dict[int, dict[str, float]]  # round -> node -> device seconds
@@ -185,6 +189,10 @@ class FleetOutcome:
     # Hierarchical runs: round -> site -> saved site model (the site's update to the root).
     site_updates: dict[int, dict[str, Path]] = field(default_factory=dict)
     sites: dict[str, list[str]] = field(default_factory=dict)  # site -> its boards
+    # Federated labels: round -> the global model as first published (labels provisional),
+    # and round -> where the final global's labels come from (kept | federated).
+    provisional: dict[int, Path] = field(default_factory=dict)
+    global_labels: dict[int, str] = field(default_factory=dict)
 
 
 def default_deadline(config: FleetConfig, shard_images: int) -> float:
@@ -198,6 +206,19 @@ def default_deadline(config: FleetConfig, shard_images: int) -> float:
     neurons = max(config.neurons, config.target if config.rounds > 1 else 0)
     compute = shard_images * neurons * 1.5e-5 * sharing / slowest
     return math.ceil(30.0 + 10.0 * compute)
+
+
+def default_label_deadline(config: FleetConfig, shard_images: int) -> float:
+    """How long the labelling phase waits for the boards (used without --label-deadline).
+
+    Each board runs the global model (``target`` neurons) frozen over its shard: about a
+    tenth of the per-image, per-neuron cost of training, with the same margins; never
+    below the aggregator's own default of 120 s.
+    """
+    slowest = min((d.speed for d in config.devices), default=1.0)
+    sharing = max(1.0, (config.nodes + (1 if config.baseline_neurons else 0)) / 2.0)
+    compute = shard_images * config.target * 1.5e-6 * sharing / slowest
+    return float(max(120, math.ceil(30.0 + 10.0 * compute)))
 
 
 class Fleet:
@@ -225,6 +246,7 @@ class Fleet:
         self._wall_mark: dict[str, float] = {}
         self._rate_mark: dict[str, tuple[float, int]] = {}
         self._deadline_s = config.deadline_s
+        self._label_deadline_s = config.label_deadline_s
         self.outcome = FleetOutcome(
             state=self.state,
             node_ids=self.node_ids,
@@ -264,6 +286,10 @@ class Fleet:
             self.outcome.class_counts[node_id] = [int(c) for c in row]
         if self._deadline_s is None:
             self._deadline_s = default_deadline(cfg, max(self.outcome.shard_sizes.values()))
+        if self._label_deadline_s is None:
+            self._label_deadline_s = default_label_deadline(
+                cfg, max(self.outcome.shard_sizes.values())
+            )
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -303,6 +329,15 @@ class Fleet:
             return self._deadline_s
         return self._deadline_s + max(30.0, self._deadline_s / 2)
 
+    def label_deadlines(self) -> tuple[float, float]:
+        """(root, site) label deadlines: in a hierarchy the sites collect their boards'
+        label statistics first and relay them, so the root waits longer."""
+        assert self._label_deadline_s is not None
+        site = self._label_deadline_s
+        if not self.config.hierarchical:
+            return site, site
+        return site + max(30.0, site / 2), site
+
     def aggregator_argv(self) -> list[str]:
         """The root aggregator (the only one of a flat fleet)."""
         cfg = self.config
@@ -328,6 +363,10 @@ class Fleet:
             cfg.continued_merge,
             "--rule",
             cfg.rule,
+            "--labels",
+            cfg.labels,
+            "--label-deadline",
+            f"{self.label_deadlines()[0]:g}",
             "--deadline",
             f"{self.root_deadline():g}",
             "--state",
@@ -368,6 +407,8 @@ class Fleet:
             cfg.continued_merge,
             "--rule",
             cfg.rule,
+            "--label-deadline",
+            f"{self.label_deadlines()[1]:g}",
             "--deadline",
             f"{self._deadline_s:g}",
             "--state",
@@ -640,7 +681,8 @@ class Fleet:
             node.images_done = done
             if node.status not in ("training", "killed"):
                 self._mark_training(node_id)
-        elif kind == "installed":
+        elif kind == "installed" and event.get("labels") != "provisional":
+            # The round's final model (a provisional one is replaced within the round).
             number = int(event.get("round", 0))
             self.outcome.installed.setdefault(number, {})[node_id] = str(event.get("path") or "")
             if node.status not in ("killed", "failed"):
@@ -743,21 +785,39 @@ class Fleet:
     def _on_global(self, event: dict[str, Any]) -> None:
         number = int(event["round"])
         rnd = self.state.round_state(number, self.config.nodes)
-        if rnd.merged_at is not None:
-            return
-        rnd.merged_at = self._elapsed()
-        rnd.global_neurons = int(event["neurons"])
-        rnd.nodes_in_global = list(event.get("contains", []))
+        if number in self.outcome.globals_:
+            return  # the round's final model is here already
+        labels = str(event.get("labels", "kept"))
         metrics = event.get("metrics", {})
-        rnd.merge_seconds = _merge_seconds(metrics)
+        if rnd.merged_at is None:
+            rnd.merged_at = self._elapsed()
+            rnd.global_neurons = int(event["neurons"])
+            rnd.nodes_in_global = list(event.get("contains", []))
+            rnd.merge_seconds = _merge_seconds(metrics)
+        if labels == "provisional":
+            if event.get("path"):
+                self.outcome.provisional[number] = Path(event["path"])
+            self._note(
+                f"round {number}: global model of {rnd.global_neurons} neurons from "
+                f"{len(rnd.nodes_in_global)} nodes; labelling"
+            )
+            return
         self.outcome.global_metrics[number] = metrics
+        self.outcome.global_labels[number] = labels
         if event.get("path"):
             self.outcome.globals_[number] = Path(event["path"])
         if rnd.started_at is not None:
-            self.outcome.round_wall[number] = rnd.merged_at - rnd.started_at
+            self.outcome.round_wall[number] = self._elapsed() - rnd.started_at
+        if labels == "federated":
+            source = (
+                f"labels from {int(metrics.get('label_nodes', 0))} nodes' "
+                f"{int(metrics.get('label_images', 0))} images"
+            )
+        else:
+            source = "labels kept from the sub-models"
         self._note(
             f"round {number}: global model of {rnd.global_neurons} neurons from "
-            f"{len(rnd.nodes_in_global)} nodes"
+            f"{len(rnd.nodes_in_global)} nodes ({source})"
         )
 
     def _on_metrics(self, event: dict[str, Any]) -> None:
@@ -861,6 +921,7 @@ class Fleet:
                         topics.global_model,
                         *(topics.status(n) for n in members),
                         *(topics.update(n) for n in members),
+                        *(topics.labels(n) for n in members),
                     )
                 )
             observer.stop()

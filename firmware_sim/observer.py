@@ -3,7 +3,9 @@
 It subscribes to the fleet's round, global, update, status and metrics topics with the
 project's own transport and protocol (so it sees exactly what the aggregator and the
 nodes see), saves every sub-model update and global model it receives under
-``models_dir`` (``round<R>/<node>.estdp``, ``round<R>/global.estdp``) and turns each
+``models_dir`` (``round<R>/<node>.estdp``, ``round<R>/global.estdp``; a global model whose
+labels are still provisional goes to ``round<R>/global-provisional.estdp``, so the final
+one of the round is ``global.estdp``) and turns each
 message into a small event dict on the orchestrator's queue. It publishes nothing while
 the fleet runs; afterwards, on a shared broker, :meth:`Observer.clear_retained` deletes
 the retained messages of the run.
@@ -61,8 +63,10 @@ def to_event(message: protocol.Message, models_dir: Path | None) -> dict[str, An
         }
     if isinstance(message, protocol.GlobalModel):
         path = None
+        labels = protocol.global_labels(message.model)
         if models_dir is not None:
-            path = model_path(models_dir, message.round_id, "global")
+            name = "global-provisional" if labels == protocol.LABELS_PROVISIONAL else "global"
+            path = model_path(models_dir, message.round_id, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_model(message.model, path)
         return {
@@ -71,6 +75,7 @@ def to_event(message: protocol.Message, models_dir: Path | None) -> dict[str, An
             "neurons": message.model.n_neurons,
             "contains": list(message.contains),
             "metrics": dict(message.metrics),
+            "labels": labels,
             "path": str(path) if path else None,
         }
     if isinstance(message, protocol.NodeStatus):

@@ -264,14 +264,17 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[Path]) -> str:
         lines += [
             "## Rounds",
             "",
-            "| round | updates | merge time | accuracy |",
-            "|---|---|---|---|",
+            "| round | updates | merge time | labels | accuracy |",
+            "|---|---|---|---|---|",
         ]
         for r in rounds:
             merge = "-" if r.get("merge_seconds") is None else f"{1000 * r['merge_seconds']:.1f} ms"
+            labels = r.get("labels") or "-"
+            if labels == "federated" and r.get("label_nodes") is not None:
+                labels += f" ({r['label_nodes']} nodes, {r.get('label_images')} images)"
             lines.append(
                 f"| {r['round']} | {len(r.get('nodes', []))}/{r.get('expected', '?')} | "
-                f"{merge} | {_pct(r.get('accuracy'))} |"
+                f"{merge} | {labels} | {_pct(r.get('accuracy'))} |"
             )
         lines.append("")
     curve = results.get("compression_curve")

@@ -6,10 +6,11 @@
 1. load the training pool (the first ``images`` training images from ``offset``) and the
    test set; partition the pool and write each board's data directory;
 2. run the fleet (:class:`firmware_sim.fleet.Fleet`): broker, aggregator, boards and the
-   baseline, each its own process, until the global model of the last round arrives;
+   baseline, each its own process, until the final global model of the last round
+   arrives (with federated labels, the one published again after the labelling phase);
 3. score on the test set, with ``estdp eval``'s code and seed: every sub-model of the last
-   round, their concatenation ("merged"), the global model of every round ("compressed"),
-   and the baseline; the compression curve of the merged model for the four metrics, and
+   round, their concatenation ("merged"), the final global model of every round
+   ("compressed", whose labels are those the fleet ends the round with), and the baseline; the compression curve of the merged model for the four metrics, and
    the merge time of each metric on the last round's sub-models;
 4. write results.json, report.md and the plots into the report directory.
 """
@@ -121,6 +122,7 @@ def _config_dict(config: FleetConfig, scoring: ScoringConfig) -> dict[str, Any]:
         "neurons_per_node": config.neurons,
         "target": config.target,
         "metric": config.metric,
+        "labels": config.labels,
         "rounds": config.rounds,
         "images": config.images,
         "offset": config.offset,
@@ -242,6 +244,7 @@ def score_run(
                 or None,
                 "train_wall_seconds": fleet_wall if number == last else None,
                 "round": number,
+                "labels": outcome.global_labels.get(number),
             }
             futures.append(
                 (
@@ -297,6 +300,8 @@ def score_run(
     ]
     if base_row and base_row["train_seconds"] and fleet_device:
         results["speedup"] = base_row["train_seconds"] / fleet_device
+    results["labels"] = outcome.global_labels.get(last) if last is not None else None
+    results["notes"].append(_labels_note(config, outcome, last))
     results["notes"].append(
         "training time: device seconds, i.e. the CPU seconds of the board's (or the baseline's) "
         "process from the start of training to its update, divided by the board's speed; for "
@@ -306,9 +311,28 @@ def score_run(
     return results
 
 
+def _labels_note(config: FleetConfig, outcome: FleetOutcome, last: int | None) -> str:
+    """Which labels the scored global model carries, in words."""
+    labels = outcome.global_labels.get(last) if last is not None else None
+    metrics = outcome.global_metrics.get(last, {}) if last is not None else {}
+    if labels == "federated":
+        return (
+            "labels of the global model: federated (--labels federated): re-assigned from "
+            f"the spike counts of {int(metrics.get('label_nodes', 0))} boards on their "
+            f"{int(metrics.get('label_images', 0))} labelled training images"
+        )
+    if config.labels == "federated":
+        return (
+            "labels of the global model: kept from the sub-models (no board sent label "
+            "statistics before the label deadline)"
+        )
+    return "labels of the global model: kept from the sub-models (--labels kept)"
+
+
 def _round_row(outcome: FleetOutcome, config: FleetConfig, row: dict[str, Any]) -> dict[str, Any]:
     number = row["round"]
     state = outcome.state.rounds.get(number)
+    metrics = outcome.global_metrics.get(number, {})
     return {
         "round": number,
         "expected": state.expected if state else config.nodes,
@@ -319,5 +343,8 @@ def _round_row(outcome: FleetOutcome, config: FleetConfig, row: dict[str, Any]) 
         "neurons": row["neurons"],
         "accuracy": row["accuracy"],
         "accuracy_proportion": row["accuracy_proportion"],
+        "labels": outcome.global_labels.get(number),
+        "label_nodes": int(metrics["label_nodes"]) if "label_nodes" in metrics else None,
+        "label_images": int(metrics["label_images"]) if "label_images" in metrics else None,
         "node_metrics": outcome.node_metrics.get(number, {}),
     }

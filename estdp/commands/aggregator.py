@@ -13,10 +13,16 @@ import logging
 import time
 from pathlib import Path
 
-from aggregator.daemon import CONTINUED_MERGES, AggregatorConfig, AggregatorDaemon, UpstreamConfig
+from aggregator.daemon import (
+    CONTINUED_MERGES,
+    LABEL_MODES,
+    AggregatorConfig,
+    AggregatorDaemon,
+    UpstreamConfig,
+)
 from aggregator.removal import DEFAULT_RULE, RULES
 from aggregator.state import AggregatorState
-from estdp.commands._common import non_negative_int, positive_int
+from estdp.commands._common import non_negative_int, positive_int, positive_seconds
 from estdp.commands._mqtt import (
     add_broker_args,
     event_printer,
@@ -91,6 +97,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="updates that all continued the same global model (rounds after the first): "
         "average them neuron by neuron, or concatenate and prune like the first round "
         "(default average)",
+    )
+    parser.add_argument(
+        "--labels",
+        choices=LABEL_MODES,
+        default="federated",
+        help="federated (default): after each merge, the nodes measure the global model on "
+        "their labelled images and its labels are re-assigned from all of them before the "
+        "next round; kept: the labels the sub-models came with (see docs/merge.md)",
+    )
+    parser.add_argument(
+        "--label-deadline",
+        type=positive_seconds,
+        default=120.0,
+        metavar="S",
+        help="seconds the labelling phase waits for the nodes' label statistics (default 120)",
     )
     parser.add_argument(
         "--state",
@@ -220,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
         weight_encoding=args.weight_encoding,
         fleet=args.fleet,
         upstream=upstream,
+        labels=args.labels,
+        label_deadline_s=args.label_deadline,
     )
     up_args = None
     if upstream is not None:

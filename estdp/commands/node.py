@@ -89,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="neurons to train (default: the number the round announces)",
     )
+    parser.add_argument(
+        "--label-images",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="measure the label statistics a provisional global model asks for on at most N "
+        "of the training images (a seeded random subset; default: all of them)",
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--state",
@@ -149,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         backend,
         node_id=args.node_id,
         seed=args.seed,
+        label_images=args.label_images,
     )
     log.info(
         "node %s: %d training and %d test images, state in %s",

@@ -77,6 +77,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and prune (default average)",
     )
     fleet.add_argument(
+        "--labels",
+        choices=("kept", "federated"),
+        default="federated",
+        help="labels of the global model: federated (default; the boards measure each "
+        "round's global model on their own labelled images and the aggregator pools them "
+        "before the next round) or kept (each neuron keeps the label its board gave it)",
+    )
+    fleet.add_argument(
+        "--label-deadline",
+        type=positive_float,
+        default=None,
+        help="seconds the aggregator waits for the boards' label statistics "
+        "(default: from the workload)",
+    )
+    fleet.add_argument(
         "--sites",
         type=positive_int,
         default=1,
@@ -218,6 +233,8 @@ def fleet_config(args: argparse.Namespace, run_dir: Path) -> FleetConfig:
         rounds=args.rounds,
         continued_merge=args.continued_merge,
         rule=args.rule,
+        labels=args.labels,
+        label_deadline_s=args.label_deadline,
         images=args.images,
         offset=args.offset,
         partition=parse_spec(args.partition),
@@ -271,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
     results = run_simulation(config, scoring, display=display, title="estdp simulate")
     models = results.get("models", [])
     print(format_table(models))
+    if results.get("labels"):
+        print(f"labels of the global model: {results['labels']}")
     if results.get("speedup"):
         print(f"training speed-up against the baseline: {results['speedup']:.2f}x")
     for r in results.get("rounds", []) if len(results.get("rounds", [])) > 1 else []:
@@ -287,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
                 "accuracy_compressed": compressed["accuracy"] if compressed else None,
                 "accuracy_baseline": baseline["accuracy"] if baseline else None,
                 "speedup": results.get("speedup"),
+                "labels": results.get("labels"),
                 "rounds": [
                     {"round": r["round"], "accuracy": r["accuracy"]}
                     for r in results.get("rounds", [])

@@ -14,11 +14,15 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from estdp import cli
+from estdp.errors import ConfigError
+from estdp.model import load_model
+from estdp.protocol import LABELS_FEDERATED, LABELS_PROVISIONAL, global_labels
 from firmware_sim.faults import parse_fault
-from firmware_sim.fleet import Fleet, FleetConfig, default_deadline
+from firmware_sim.fleet import Fleet, FleetConfig, default_deadline, default_label_deadline
 from firmware_sim.partitions import parse_spec
 from firmware_sim.profiles import DEVICES, NETWORKS, parse_device
 from firmware_sim.simulation import load_data
@@ -77,6 +81,19 @@ def test_simulate_writes_the_report_and_its_accuracies_equal_estdp_eval(mnist_di
     assert results["compression_curve"]["removed"] == [0, 3, 6]
     assert set(results["merge_times"]) == {"mse", "manhattan", "cosine", "correlation"}
     assert results["rounds"][0]["contains"] == ["node-1", "node-2"]
+    # What is scored as "compressed" is the round's final global model: the same weights
+    # as the provisional one, with labels pooled from both boards' 240 images.
+    assert results["labels"] == summary["labels"] == "federated"
+    assert results["rounds"][0]["labels"] == "federated"
+    assert results["rounds"][0]["label_images"] == 240
+    compressed = next(m for m in results["models"] if m["kind"] == "compressed")
+    final = load_model(compressed["path"])
+    provisional = load_model(out / "models" / "round1" / "global-provisional.estdp")
+    assert Path(compressed["path"]).name == "global.estdp"
+    assert global_labels(final) == LABELS_FEDERATED
+    assert global_labels(provisional) == LABELS_PROVISIONAL
+    np.testing.assert_array_equal(final.weights, provisional.weights)
+    assert any("federated" in note for note in results["notes"])
     assert results["speedup"] > 0
     # What the command printed is what `estdp eval` says about each saved model.
     printed = {m["model"]: m for m in summary["models"]}
@@ -135,6 +152,21 @@ def test_a_killed_node_does_not_stop_the_round(mnist_dir, tmp_path, broker_url):
     assert sorted(outcome.updates[1]) == ["node-1", "node-3"]
     assert Path(outcome.globals_[1]).exists()
     assert sum(outcome.shard_sizes.values()) == 300
+
+
+def test_the_labels_mode_and_label_deadline_reach_the_aggregator():
+    config = FleetConfig(
+        run_dir=Path("x"), devices=(DEVICES["host"],) * 5, labels="kept", deadline_s=600.0
+    )
+    fleet = Fleet(config)
+    fleet._label_deadline_s = default_label_deadline(config, 6000)
+    argv = fleet.aggregator_argv()
+    assert argv[argv.index("--labels") + 1] == "kept"
+    assert float(argv[argv.index("--label-deadline") + 1]) >= 120
+    with pytest.raises(ConfigError, match="--labels"):
+        FleetConfig(run_dir=Path("x"), labels="guessed")
+    slow = FleetConfig(run_dir=Path("x"), devices=(DEVICES["nano"],) * 5)
+    assert default_label_deadline(slow, 6000) > default_label_deadline(config, 6000)
 
 
 def test_default_deadline_grows_with_the_slowest_board():

@@ -87,4 +87,12 @@ def test_two_sites_forward_to_the_root_and_every_board_installs_its_model(
             assert state["installed_round"] == 1, node
             installed = load_model(out / "nodes" / node / "global.estdp")
             np.testing.assert_array_equal(installed.weights, root_global.weights)
+            # ... the final one, with the labels pooled over every board (relayed by the
+            # sites), not the provisional one.
+            np.testing.assert_array_equal(installed.labels, root_global.labels)
+            assert protocol.global_labels(installed) == protocol.LABELS_FEDERATED, node
+    assert protocol.global_labels(root_global) == protocol.LABELS_FEDERATED
+    assert results["rounds"][0]["labels"] == "federated"
+    assert results["rounds"][0]["label_nodes"] == 2  # the two sites, each summing its boards
+    assert results["rounds"][0]["label_images"] == 240
     assert seconds < 60, f"the two-site simulation took {seconds:.0f} s"
