@@ -84,6 +84,8 @@ def test_node_publishes_only_under_its_own_id(as_identity):
         chunk_topic(TOPICS.update("node-2"), 0),
         TOPICS.status("node-2"),
         TOPICS.metrics("node-2"),
+        TOPICS.labels("node-2"),
+        chunk_topic(TOPICS.labels("node-2"), 0),
         GLOBAL,
         chunk_topic(GLOBAL, 0),
         ROUND,
@@ -97,6 +99,7 @@ def test_node_publishes_only_under_its_own_id(as_identity):
     own = [
         TOPICS.status("node-1"),
         TOPICS.metrics("node-1"),
+        TOPICS.labels("node-1"),
         chunk_topic(TOPICS.update("node-1"), 3),
     ]
     for topic in own:

@@ -158,6 +158,12 @@ def test_emqx_acl_mirrors_the_mosquitto_acl():
     assert rules[-1] == "{deny, all}."
     node_publish = [r for r in rules if r.startswith("{allow, all, publish")]
     assert node_publish == ['{allow, all, publish, ["estdp/+/nodes/${username}/#"]}.']
+    # Every topic a node publishes (update, status, metrics, labels) lies under that rule.
+    from estdp.topics import Topics, topic_matches
+
+    topics = Topics("lab")
+    for topic in (topics.update("n1"), topics.metrics("n1"), topics.labels("n1")):
+        assert topic_matches("estdp/+/nodes/n1/#", topic)
     mosquitto = (REPO / "deploy" / "broker" / "acl").read_text()
     assert "pattern write estdp/+/nodes/%u/#" in mosquitto
     for topic in ("estdp/+/round", "estdp/+/global/#"):
