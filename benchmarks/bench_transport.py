@@ -139,6 +139,9 @@ def run_aggregator_child(spec: dict[str, Any]) -> int:
         rounds=spec["rounds"],
         continue_from_global=False,
         fleet=spec["fleet"],
+        # Issue #4's round: announce, updates, merge, global model delivered; without the
+        # labelling phase, which the instant trainers here cannot measure for.
+        labels="kept",
     )
     stop = threading.Event()
 

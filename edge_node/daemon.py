@@ -644,9 +644,16 @@ class NodeDaemon:
         key = f"{message.session}:{rid}:{tag}"
         if self.labels_sent == key:
             return  # already sent; a reconnect sends them again
+        measure = getattr(self.trainer, "label_stats", None)
+        if measure is None:
+            # A trainer written before federated labels: the aggregator's label deadline
+            # copes with a node that does not answer; a crash here would not.
+            log.warning("round %d: this node's trainer cannot measure label statistics", rid)
+            self.labels_sent = key
+            return
         started = time.perf_counter()
         try:
-            counts = self.trainer.label_stats(message.model, rid)
+            counts = measure(message.model, rid)
         except EstdpError as exc:
             log.error("round %d: label statistics failed: %s", rid, exc)
             self._emit("error", round=rid, message=f"label statistics failed: {exc}")

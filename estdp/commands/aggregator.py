@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="federated",
         help="federated (default): after each merge, the nodes measure the global model on "
         "their labelled images and its labels are re-assigned from all of them before the "
-        "next round; kept: the labels the sub-models came with (see docs/merge.md)",
+        "next round; kept: the labels the sub-models came with (see docs/merge.md). A site "
+        "aggregator (--upstream-fleet) follows its root's global model instead",
     )
     parser.add_argument(
         "--label-deadline",

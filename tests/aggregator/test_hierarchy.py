@@ -138,6 +138,23 @@ def test_the_root_model_contains_the_site_models_and_reaches_every_node(
         message = protocol.decode_global(daemon.state.global_payload(1))
         assert message.session == daemon.state.current.announcement.session
         assert message.contains == ("site-a", "site-b")
+    # Labels: each site relayed the sum of its boards' statistics, and the root pooled them
+    # into exactly the labels that pooling every board's statistics gives.
+    from aggregator.federated_labels import pool
+
+    relabelled = next(e for e in h.events["root"] if e["event"] == "relabelled")
+    assert relabelled["nodes"] == ["site-a", "site-b"]
+    for site, nodes in SITES.items():
+        relayed = next(e for e in h.events[site] if e["event"] == "labels_relayed")
+        assert relayed["nodes"] == list(nodes) and relayed["root_round"] == 1
+    a0 = h.trainers["a0"]  # every board measured the provisional model first
+    want = pool([h.trainers[n].label_stats(expected, 1) for n in h.trainers])
+    assert a0.label_calls[0][1] == protocol.LABELS_PROVISIONAL
+    assert relabelled["images"] == want.images
+    np.testing.assert_array_equal(expected.labels, want.labels)
+    assert protocol.global_labels(expected) == protocol.LABELS_FEDERATED
+    for node in h.nodes.values():
+        np.testing.assert_array_equal(load_model(node.global_path).labels, want.labels)
         assert message.metrics["root_round"] == 1.0
     # To the root, a site is a node: its status is tracked like one.
     assert h.root.node_status == {"site-a": "online", "site-b": "online"}

@@ -327,3 +327,25 @@ def test_a_late_node_installs_the_final_model_without_measuring(agg_side, tmp_pa
     assert node.installed_round == 1 and not node.labels_provisional
     assert getattr(trainer, "label_calls", []) == []
     assert not any(isinstance(m, protocol.LabelStats) for m in received(agg))
+
+
+def test_a_trainer_without_label_stats_answers_nothing_and_the_node_keeps_serving(
+    agg_side, tmp_path: Path
+) -> None:
+    broker, agg = agg_side
+
+    class OldTrainer:  # the Trainer interface before federated labels
+        def train(self, announcement, n_neurons, start, progress):
+            return TrainOutcome(model(n_neurons), {})
+
+        def evaluate(self, m):
+            return {"accuracy": 0.5}
+
+    node, _ = make_node(broker, tmp_path, OldTrainer())
+    provisional = noted(model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL)
+    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
+    node.step(0)
+    assert node.installed_round == 1 and node.pending_labels is None
+    msgs = received(agg)
+    assert not any(isinstance(m, protocol.LabelStats) for m in msgs)
+    assert any(isinstance(m, protocol.NodeMetrics) for m in msgs)  # evaluated all the same
