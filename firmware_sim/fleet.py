@@ -338,6 +338,20 @@ class Fleet:
             return site, site
         return site + max(30.0, site / 2), site
 
+    def _merge_args(self) -> list[str]:
+        """How every aggregator of the run merges (root and sites alike)."""
+        cfg = self.config
+        return [
+            "--metric",
+            cfg.metric,
+            "--rounds",
+            str(cfg.rounds),
+            "--continued-merge",
+            cfg.continued_merge,
+            "--rule",
+            cfg.rule,
+        ]
+
     def aggregator_argv(self) -> list[str]:
         """The root aggregator (the only one of a flat fleet)."""
         cfg = self.config
@@ -355,14 +369,7 @@ class Fleet:
             str(neurons),
             "--target",
             str(cfg.target),
-            "--metric",
-            cfg.metric,
-            "--rounds",
-            str(cfg.rounds),
-            "--continued-merge",
-            cfg.continued_merge,
-            "--rule",
-            cfg.rule,
+            *self._merge_args(),
             "--labels",
             cfg.labels,
             "--label-deadline",
@@ -399,14 +406,7 @@ class Fleet:
             str(cfg.neurons),
             "--target",
             str(cfg.site_target_for(site)),
-            "--metric",
-            cfg.metric,
-            "--rounds",
-            str(cfg.rounds),
-            "--continued-merge",
-            cfg.continued_merge,
-            "--rule",
-            cfg.rule,
+            *self._merge_args(),
             "--label-deadline",
             f"{self.label_deadlines()[1]:g}",
             "--deadline",
