@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from _memory import vm_hwm_mib
 
 from aggregator.merge import merge
 from aggregator.removal import RULES
@@ -114,18 +114,6 @@ def child_memory(models_file: str, args: argparse.Namespace, metric: str) -> dic
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _vm_hwm_mib() -> float:
-    """Peak resident memory of this process (VmHWM; unlike ru_maxrss, not inherited
-    from the parent across fork and exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_child(args: argparse.Namespace) -> int:
     blob = np.load(args.child)
     weights, sizes = blob["weights"], blob["sizes"]
@@ -149,12 +137,12 @@ def run_child(args: argparse.Namespace) -> int:
         start += n
     del weights, blob
     xp = resolve_backend(args.backend).xp
-    base_rss = _vm_hwm_mib()
+    base_rss = vm_hwm_mib()
     tracemalloc.start()
     merge(models, args.target, args.metric, rule=args.rule, xp=xp, threads=args.threads)
     _, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    peak_rss = _vm_hwm_mib()
+    peak_rss = vm_hwm_mib()
     print(json.dumps({"peak_rss_mib": round(peak_rss, 1), "rss_before_mib": round(base_rss, 1),
                       "peak_traced_mib": round(traced / 2**20, 1)}))  # fmt: skip
     return 0

@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _memory import vm_hwm_mib
 
 from aggregator.daemon import AggregatorConfig, AggregatorDaemon
 from aggregator.state import AggregatorState
@@ -97,17 +97,6 @@ def channel(url: str, cid: str, will=None) -> Channel:
     transport = mqtt_transport(TransportConfig(client_id=cid, will=will, **fields))  # type: ignore[arg-type]
     transport.connect(timeout=30)
     return Channel(transport)
-
-
-def vm_hwm_mib() -> float:
-    """Peak resident memory of this process so far (VmHWM), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_aggregator_child(spec: dict[str, Any]) -> int:

@@ -560,18 +560,17 @@ class NodeDaemon:
         return progress
 
     def _publish_update(self, payload: bytes, round_id: int) -> None:
+        self._publish_retained(self.topics.update(self.config.node_id), payload, round_id, "update")
+
+    def _publish_retained(self, topic: str, payload: bytes, round_id: int, what: str) -> None:
         try:
-            self.channel.send(
-                self.topics.update(self.config.node_id),
-                payload,
-                retain=True,
-                timeout=self.config.publish_timeout_s,
-            )
+            self.channel.send(topic, payload, retain=True, timeout=self.config.publish_timeout_s)
         except TransportError as exc:
             # Kept: paho re-sends it after the reconnect, and so do we.
             log.warning(
-                "round %d: update not acknowledged yet (%s); it is re-sent after a reconnect",
+                "round %d: %s not acknowledged yet (%s); it is re-sent after a reconnect",
                 round_id,
+                what,
                 exc,
             )
 
@@ -692,19 +691,9 @@ class NodeDaemon:
         )
 
     def _publish_labels(self, payload: bytes, round_id: int) -> None:
-        try:
-            self.channel.send(
-                self.topics.labels(self.config.node_id),
-                payload,
-                retain=True,
-                timeout=self.config.publish_timeout_s,
-            )
-        except TransportError as exc:
-            log.warning(
-                "round %d: label statistics not acknowledged yet (%s); re-sent after a reconnect",
-                round_id,
-                exc,
-            )
+        self._publish_retained(
+            self.topics.labels(self.config.node_id), payload, round_id, "label statistics"
+        )
 
     # ---- status -------------------------------------------------------------------------
 
