@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from edge_node.labels import labels_from_sums
 from estdp.errors import MergeError
 from estdp.lineage import CLASS_COUNTS_NOTE, PARENT_NOTE, class_counts, format_class_counts
 from estdp.model import SubModel, new_model
@@ -84,8 +85,7 @@ def average(
     rate_sums = sum(
         counts[k][:, None] * m.class_rates.astype(np.float64) for k, m in enumerate(models)
     )
-    rates = rate_sums / np.maximum(per_class, 1.0)[:, None]
-    labels = np.where(rates.max(axis=0) > 0.0, rates.argmax(axis=0), -1)
+    labels, rates = labels_from_sums(per_class, rate_sums)
     if not (np.isfinite(weights).all() and np.isfinite(thetas).all()):
         raise MergeError("averaged weights or thresholds are not finite")
     sources = tuple(m.provenance.node_id for m in models)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edge_node.labels import labels_from_sums
 from estdp.errors import MergeError
 from estdp.lineage import CLASS_COUNTS_NOTE, format_class_counts
 from estdp.model import SubModel, validate_model
@@ -85,12 +86,10 @@ def pool(stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> PooledLabels:
             raise MergeError(f"label statistics {k} hold negative or non-finite values")
         per_class += counts_k.astype(np.int64)
         sums += sums_k
-    # As edge_node.labels.assign_labels: a class without images has rate 0.
-    rates = sums / np.maximum(per_class, 1).astype(np.float64)[:, None]
-    labels = np.where(rates.max(axis=0) > 0.0, rates.argmax(axis=0), -1)
+    labels, rates = labels_from_sums(per_class, sums)  # as assign_labels on all the images
     return PooledLabels(
-        labels=labels.astype(np.int16),
-        class_rates=rates.astype(np.float32),
+        labels=labels,
+        class_rates=rates,
         class_counts=per_class,
         nodes=len(stats),
         images=int(per_class.sum()),

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from edge_node.labels import class_sums
 from estdp import protocol
 from estdp.atomic import atomic_write_bytes, atomic_write_text
 from estdp.backend import Backend
@@ -112,18 +113,7 @@ def label_statistics(
     ConfigError
         The shapes disagree or a label is out of range.
     """
-    counts = np.asarray(spike_counts, dtype=np.float64)
-    labels = np.asarray(image_labels)
-    if counts.ndim != 2 or labels.shape != (counts.shape[0],):
-        raise ConfigError(
-            f"spike counts (n, N) and labels (n,) do not match: {counts.shape} and {labels.shape}"
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ConfigError(f"labels must lie in [0, {n_classes})")
-    labels = labels.astype(np.int64)
-    sums = np.zeros((n_classes, counts.shape[1]), np.float64)
-    np.add.at(sums, labels, counts)
-    return LabelCounts(np.bincount(labels, minlength=n_classes).astype(np.int64), sums)
+    return LabelCounts(*class_sums(spike_counts, image_labels, n_classes))
 
 
 class Trainer(Protocol):

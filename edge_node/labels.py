@@ -42,11 +42,46 @@ def assign_labels(
         ``(neuron_labels, class_rates)``: (N,) int16 class of each neuron (-1 when it never
         fired) and (n_classes, N) float32 mean spike count per class.
     """
+    return labels_from_sums(*class_sums(spike_counts, labels, n_classes))
+
+
+def class_sums(
+    spike_counts: np.ndarray, labels: np.ndarray, n_classes: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images per class and each neuron's spike counts summed per class.
+
+    Kept apart from their quotient so that sums from several nodes pool exactly
+    (:mod:`aggregator.federated_labels`).
+
+    Returns
+    -------
+    tuple
+        ``(per_class (n_classes,) int64, sums (n_classes, N) float64)``.
+
+    Raises
+    ------
+    ConfigError
+        The shapes disagree or a label is out of range.
+    """
     counts, labels = _check(spike_counts, labels, n_classes)
-    per_class = np.bincount(labels, minlength=n_classes).astype(np.float64)
     sums = np.zeros((n_classes, counts.shape[1]))
     np.add.at(sums, labels, counts)
-    rates = sums / np.maximum(per_class, 1.0)[:, None]
+    return np.bincount(labels, minlength=n_classes).astype(np.int64), sums
+
+
+def labels_from_sums(per_class: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and class rates from per-class image counts (C,) and response sums (C, N).
+
+    ``rates = sums / per_class`` (0 for a class without images); each neuron gets the class
+    of its highest rate, the lowest on a tie, or -1 when it never fired.
+
+    Returns
+    -------
+    tuple
+        ``(neuron_labels (N,) int16, class_rates (C, N) float32)``.
+    """
+    per_class = np.asarray(per_class, dtype=np.float64)
+    rates = np.asarray(sums, dtype=np.float64) / np.maximum(per_class, 1.0)[:, None]
     neuron_labels = np.where(rates.max(axis=0) > 0.0, rates.argmax(axis=0), -1)
     return neuron_labels.astype(np.int16), rates.astype(np.float32)
 
