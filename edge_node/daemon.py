@@ -521,13 +521,7 @@ class NodeDaemon:
         )
         payload = protocol.encode(update, weight_encoding=self.config.weight_encoding)
         self.pending_update, self.published_round = payload, rid
-        pending = self._path("update.msg")
-        if pending is not None:
-            try:
-                atomic_write_bytes(pending, payload)
-            except OSError as exc:
-                raise _state_error("write", pending, exc) from None
-        self._save_state()
+        self._keep("update.msg", payload)
         self._publish_update(payload, rid)
         self._status("online", f"update {rid} sent", rid)
         self._emit(
@@ -548,6 +542,17 @@ class NodeDaemon:
                 self._emit("progress", round=round_id, done=done, total=total)
 
         return progress
+
+    def _keep(self, name: str, payload: bytes) -> None:
+        """Store a message to (re-)send in the state directory, then the state itself, so
+        that a restarted node sends it again."""
+        path = self._path(name)
+        if path is not None:
+            try:
+                atomic_write_bytes(path, payload)
+            except OSError as exc:
+                raise _state_error("write", path, exc) from None
+        self._save_state()
 
     def _publish_update(self, payload: bytes, round_id: int) -> None:
         self._publish_retained(self.topics.update(self.config.node_id), payload, round_id, "update")
@@ -657,13 +662,7 @@ class NodeDaemon:
         )
         payload = protocol.encode(stats)
         self.pending_labels, self.labels_sent = payload, key
-        path = self._path("labels.msg")
-        if path is not None:
-            try:
-                atomic_write_bytes(path, payload)
-            except OSError as exc:
-                raise _state_error("write", path, exc) from None
-        self._save_state()
+        self._keep("labels.msg", payload)
         self._publish_labels(payload, rid)
         seconds = time.perf_counter() - started
         log.info(
