@@ -41,8 +41,12 @@ After its last spike ``t_p`` the post-synaptic trace of neuron j is ``lam^(s - t
 its weight from pixel k after step ``s`` is
 ``w_k(s) = max(w_min, w_k(t_p) - nu_pre lam^-t_p sum_{t_p < s' <= s} lam^s' S_k[s'])``
 (depression only decreases it, so clipping at ``w_max`` is idle and clipping at
-``w_min`` once is the same as clipping every step). Its input over a look-ahead window
-is evaluated exactly from these weights.
+``w_min`` once is the same as clipping every step). With the depression integral
+``D[t] = sum_{s<t} lam^s S[s]``, computed once per presentation, that weight before the
+clip is ``A_k - r D_k[t]`` with the anchor ``A = w(t_p) + r D[t_p + 1]`` and
+``r = nu_pre lam^-t_p``, so the input at step t is ``S[t-1].A - r S[t-1].D[t]``: one
+product per window while no weight reaches ``w_min``, and nothing to carry between
+windows.
 
 The loop
 --------
@@ -155,7 +159,9 @@ class _Dirty:
     """The neurons that spiked in this presentation; their columns are followed exactly.
 
     Row ``i`` of each array is neuron ``index[i]``; the arrays are views of buffers that
-    grow on demand. Between windows they hold the state after step ``a - 1``.
+    grow on demand. Weights are kept as anchors: before the ``w_min`` clip, the weight
+    that drives step ``t`` is ``anchor - rate * D[t]`` (``D``: :attr:`_Inputs.dep`), so
+    nothing needs updating while a neuron does not spike.
     """
 
     def __init__(self, k: int, capacity: int = 8) -> None:
@@ -166,7 +172,7 @@ class _Dirty:
         self._view(0)
 
     def _view(self, n: int) -> None:
-        self.wlin = self._weights[:n]  # (nd, K) weights before the w_min clip
+        self.anchor = self._weights[:n]  # (nd, K) weights + rate * D[t], for any t
         self.rate = self._scalars[0, :n]  # nu_pre lam^-t_p: depression per unit of lam^s S[s]
         self.u = self._scalars[1, :n]  # scaled potentials
         self.theta = self._scalars[2, :n]  # theta' (mirror of the layer's array)
@@ -227,7 +233,11 @@ class _Bounds:
 
 
 class _Inputs:
-    """Per-presentation input arrays shared by the helpers of :func:`present`."""
+    """Per-presentation input arrays shared by the helpers of :func:`present`.
+
+    Everything the dirty neurons need from the input spikes alone is computed once per
+    presentation, so that a window costs slices, not products.
+    """
 
     def __init__(self, presentation: Presentation, weights: np.ndarray, tab: Tables) -> None:
         steps = tab.steps
@@ -238,6 +248,12 @@ class _Inputs:
         # shifted[t] = S[t-1], the input spikes that drive step t (zero rows of padding).
         self.shifted = np.zeros((steps + 2, k))
         self.shifted[1 : steps + 1] = presentation.spikes
+        # dep[t] = D[t] = sum_{s<t} lam^s S[s], the depression integral (T+1, K).
+        self.dep = np.empty((steps + 1, k))
+        self.dep[0] = 0.0
+        np.cumsum(self.shifted[1 : steps + 1] * tab.lampow[:steps, None], axis=0, out=self.dep[1:])
+        # s_dep[t] = S[t-1] . D[t]: the depression part of a dirty neuron's input at t.
+        self.s_dep = np.einsum("tk,tk->t", self.shifted[: steps + 1], self.dep)
         self._w_active: np.ndarray | None = None
         self._chunks: dict[int, np.ndarray] = {}
 
@@ -268,22 +284,12 @@ class _Inputs:
             self._chunks[c] = rows
         return rows[a - c * CHUNK : end - c * CHUNK + 1]
 
-    def depression(self, lo: int, hi: int) -> np.ndarray:
-        """``dep[i] = sum_{lo <= s < lo+i} lam^s S[s]`` for ``i = 0..hi-lo+1`` (rows, K)."""
-        n = hi - lo + 2
-        if n <= self.tab.tri.shape[0]:
-            tri = self.tab.tri_strict[:n, :n] * self.tab.lampow[lo : hi + 2]
-            return tri @ self.shifted[lo + 1 : hi + 3]
-        dep = np.zeros((n, self.shifted.shape[1]))
-        np.cumsum(
-            self.tab.lampow[lo : hi + 1, None] * self.shifted[lo + 1 : hi + 2], 0, out=dep[1:]
-        )
-        return dep
-
-    def tail(self, lo: int) -> np.ndarray:
-        """``sum_{lo <= s < T} lam^s S[s]`` (K,): depression to the end of the presentation."""
-        steps = self.tab.steps
-        return self.tab.lampow[lo:steps] @ self.shifted[lo + 1 : steps + 1]
+    def m_at(self, t: int, cols: list[int]) -> np.ndarray:
+        """Exact ``M[t]`` of the neurons ``cols`` (start-of-presentation weights)."""
+        rows = self._chunks.get(t // CHUNK)
+        if rows is not None:
+            return rows[t % CHUNK, cols]
+        return self.z(t) @ self.w_active[:, cols]
 
 
 def present(
@@ -329,9 +335,9 @@ def present(
 
     inputs = _Inputs(presentation, weights, tab)
     shifted = inputs.shifted
-    # x_in after step t is lam^t * max_{s<=t} lam^-s S[s].
-    trace_key = shifted[1 : steps + 1] * tab.laminv[:, None]
-    x_max = np.zeros(k)  # max_{s < x_upto} lam^-s S[s]
+    dep_all = inputs.dep
+    s_dep_all = inputs.s_dep
+    x_max = np.zeros(k)  # max_{s < x_upto} lam^-s S[s]; x_in after t is lam^t x_max
     x_upto = 0
     # M at block ends, an upper bound of M over each block (float32 plus slack).
     z_blocks = np.cumsum(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
@@ -390,19 +396,17 @@ def present(
             u_c -= (h_before + np.cumsum(hinc[a : end + 1]))[:, None]
             th_c += tab.cdneg[a : end + 1, None]
         if nd:
-            # dep[i] = sum_{a <= s < a+i} lam^s S[s]: depression since a, rows i = 0..rows.
-            dep = inputs.depression(a, end)
             s_win = shifted[a : end + 1]
-            s_dep = np.einsum("tk,tk->t", s_win, dep[:rows])  # sum_k S_k[t-1] dep_k
-            lowest = dirty.wlin - np.multiply.outer(dirty.rate, dep[rows - 1])
+            s_dep = s_dep_all[a : end + 1]
+            lowest = dirty.anchor - np.multiply.outer(dirty.rate, dep_all[end])
             if lowest.min() >= w_min:
                 # No weight reaches w_min in the window, so the clip is idle and the
-                # input is linear in the depression: S.w - rate * sum_k S_k dep_k.
-                current = dirty.wlin @ s_win.T
+                # input is linear in the depression: S.anchor - rate * S.D.
+                current = dirty.anchor @ s_win.T
                 current -= np.multiply.outer(dirty.rate, s_dep)
             else:
-                w_now = np.multiply.outer(dirty.rate, dep[:rows])  # (nd, rows, K)
-                np.subtract(dirty.wlin[:, None, :], w_now, out=w_now)
+                w_now = np.multiply.outer(dirty.rate, dep_all[a : end + 1])  # (nd, rows, K)
+                np.subtract(dirty.anchor[:, None, :], w_now, out=w_now)
                 np.maximum(w_now, w_min, out=w_now)
                 current = np.matmul(w_now[:, :, None, :], s_win[:, :, None])[:, :, 0, 0]
             drive = current * tab.dneg[a : end + 1]  # scaled input, gated
@@ -414,7 +418,6 @@ def present(
             u_d += dirty.u[:, None]
             th_d = np.multiply.outer(dirty.theta, tab.rth[a : end + 1])
             th_d += tab.cdneg[a : end + 1]
-            base = [0] * nd  # row r's weights are wlin[r] - rate[r] * (dep[i] - dep[base[r]])
 
         # Events inside the window, in time order.
         pos = 0
@@ -452,8 +455,10 @@ def present(
             gate = t + refrac + 1
             # STDP of each spiking neuron: depression by this step's input spikes (its
             # trace is now 1), potentiation by the input traces, one clip.
-            x_max = np.maximum(x_max, trace_key[x_upto : t + 1].max(axis=0))
-            x_upto = t + 1
+            if x_upto <= t:
+                recent = shifted[x_upto + 1 : t + 2] * tab.laminv[x_upto : t + 1, None]
+                np.maximum(x_max, recent.max(axis=0), out=x_max)
+                x_upto = t + 1
             change = x_max * (params.nu_post * tab.lampow[t])
             change -= shifted[t + 1] * params.nu_pre
             rate = params.nu_pre * tab.laminv[t]
@@ -465,26 +470,24 @@ def present(
                 dirty.theta[row] += increment
                 dirty.gate[row] = gate
                 if j in winners:
-                    w_new = dep[first] - dep[base[row]]
-                    w_new *= -dirty.rate[row]
-                    w_new += dirty.wlin[row]
+                    w_new = dep_all[t] * -dirty.rate[row]
+                    w_new += dirty.anchor[row]
                     np.maximum(w_new, w_min, out=w_new)  # weights after step t-1
                     w_new += change
                     np.maximum(w_new, w_min, out=w_new)
                     np.minimum(w_new, w_max, out=w_new)
-                    dirty.wlin[row] = w_new
+                    # From step t + 1 its weights are w_new - rate (D[s] - D[t + 1]).
+                    anchor = dep_all[t + 1] * rate
+                    anchor += w_new
+                    dirty.anchor[row] = anchor
                     dirty.rate[row] = rate
-                    base[row] = tail
                     if tail < stop:  # its input for the rest of the window
-                        # weights w_new - rate (dep[i] - dep[tail]) = v - rate dep[i]
-                        v = dep[tail] * rate
-                        v += w_new
-                        if (v - rate * dep[rows - 1]).min() >= w_min:  # no clip: linear
-                            cur = s_win[tail:] @ v
+                        if (anchor - rate * dep_all[end]).min() >= w_min:  # no clip: linear
+                            cur = s_win[tail:] @ anchor
                             cur -= rate * s_dep[tail:]
                         else:
-                            w_row = dep[tail:rows] * -rate
-                            w_row += v
+                            w_row = dep_all[t + 1 : end + 1] * -rate
+                            w_row += anchor
                             np.maximum(w_row, w_min, out=w_row)
                             cur = np.einsum("tk,tk->t", w_row, s_win[tail:])
                         np.multiply(cur, dneg_w[tail:], out=drive[row, tail:])
@@ -525,13 +528,12 @@ def present(
 
         # Carry the state over to step a + stop.
         if nd:
-            dirty.wlin -= dirty.rate[:, None] * (dep[stop] - dep[base])
             dirty.u[:] = u_d[:, stop - 1]
         for j, w_new, rate in new_dirty:
             if w_new is not None:
                 dirty.add(
                     j,
-                    w_new,
+                    w_new + rate * dep_all[a + stop],
                     rate,
                     tab.dneg[a + stop - 1] * tab.u_reset,
                     theta_p[j],
@@ -543,9 +545,7 @@ def present(
 
     # Weights after the last step: depression runs on to the end of the presentation.
     if dirty.index:
-        wlin = dirty.wlin
-        if a < steps:
-            wlin = wlin - np.multiply.outer(dirty.rate, inputs.tail(a))
+        wlin = dirty.anchor - np.multiply.outer(dirty.rate, dep_all[steps])
         final = np.maximum(w_min, wlin).T
         cols = np.array(dirty.index)
         weights[np.ix_(active, cols)] = final
@@ -575,7 +575,7 @@ def _open_gates(
     ``off = U_reset - M[a-1] + H[a-1]``, so that ``U[t] = M[t] - H[t] + off`` for t >= a.
     """
     ready = [j for j, (gate, _) in pending.items() if gate <= a]
-    m_prev = inputs.m_rows(a - 1, a - 1)[0, ready]
+    m_prev = inputs.m_at(a - 1, ready)
     for j, m in zip(ready, m_prev.tolist(), strict=True):
         _, base = pending.pop(j)
         off[j] = base - m + h_before
