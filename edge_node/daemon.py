@@ -17,7 +17,10 @@ A round, from a node's side::
               node first runs it frozen on its labelled training images and publishes
               LabelStats(r, tag, per-class image counts, per-class spike-count sums) to
               estdp/<fleet>/nodes/<id>/labels (retained, QoS 1; kept on disk and sent
-              again after a reconnect until the round's final model is installed)
+              again after a reconnect until the round's final model is installed). When
+              the model carries the note calibrate=N, the node first runs a
+              thresholds-only pass over N of its images (weights frozen) and sends its
+              thresholds with statistics measured under them
     final     the same round's global model again, with the pooled labels: installed
               atomically in place of the provisional one (same weights), evaluated and
               reported again. A node that comes late installs the final one directly.
@@ -33,6 +36,7 @@ the engine (:mod:`edge_node.workflow`), tests pass a fast fake.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -61,6 +65,7 @@ from estdp.protocol import (
     RoundAnnouncement,
     SubModelUpdate,
     global_labels,
+    requested_calibration,
 )
 from estdp.topics import Topics, validate_id
 from estdp.transport.base import Will
@@ -133,6 +138,11 @@ class Trainer(Protocol):
         """Label statistics of ``model`` (frozen) on the node's labelled images."""
         ...
 
+    def calibrate(self, model: SubModel, n_images: int, round_id: int) -> tuple[np.ndarray, int]:
+        """``model``'s thresholds after a thresholds-only pass over up to ``n_images`` of
+        the node's images, and how many it used."""
+        ...
+
 
 class LocalTrainer:
     """The engine on local data: one pass of STDP, label assignment, evaluation.
@@ -203,17 +213,19 @@ class LocalTrainer:
             },
         )
 
+    def _subset(self, count: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """At most ``count`` of the node's images and labels, a seeded random subset in
+        shard order, so that it does not depend on how the shard is sorted (e.g. by class)."""
+        total = int(self.images.shape[0])
+        if count is None or count >= total:
+            return self.images, self.labels
+        pick = np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+        return self.images[pick], self.labels[pick]
+
     def label_stats(self, model: SubModel, round_id: int) -> LabelCounts:
         from edge_node.workflow import spike_counts
 
-        images, labels = self.images, self.labels
-        total = int(images.shape[0])
-        if self.label_images is not None and self.label_images < total:
-            # A subset that does not depend on how the shard is ordered (e.g. by class).
-            pick = np.sort(
-                np.random.default_rng(self.seed).choice(total, self.label_images, replace=False)
-            )
-            images, labels = images[pick], labels[pick]
+        images, labels = self._subset(self.label_images, self.seed)
         # The seed of train_model's own label pass in round r (seed + r, plus one).
         counts = spike_counts(
             model.weights,
@@ -224,6 +236,13 @@ class LocalTrainer:
             seed=self.seed + round_id + 1,
         )
         return label_statistics(counts, labels, model.n_classes)
+
+    def calibrate(self, model: SubModel, n_images: int, round_id: int) -> tuple[np.ndarray, int]:
+        from edge_node.workflow import calibrate_thetas
+
+        images, _ = self._subset(n_images, self.seed + 1)
+        thetas = calibrate_thetas(model, images, self.backend, seed=self.seed + round_id + 2)
+        return thetas, int(images.shape[0])
 
     def evaluate(self, model: SubModel) -> dict[str, float]:
         if self.test_images.shape[0] == 0:
@@ -646,8 +665,23 @@ class NodeDaemon:
             self.labels_sent = key
             return
         started = time.perf_counter()
+        measured, thetas, used = message.model, None, 0
+        asked = requested_calibration(message.model)
+        calibrate = getattr(self.trainer, "calibrate", None)
         try:
-            counts = measure(message.model, rid)
+            if asked > 0 and calibrate is not None:
+                thetas, used = calibrate(message.model, asked, rid)
+                measured = dataclasses.replace(
+                    message.model, thetas=np.asarray(thetas, dtype=np.float32)
+                )
+                log.info(
+                    "round %d: thresholds-only pass over %d images (mean theta %.2f -> %.2f)",
+                    rid,
+                    used,
+                    float(np.mean(message.model.thetas)),
+                    float(np.mean(thetas)),
+                )
+            counts = measure(measured, rid)
         except EstdpError as exc:
             log.error("round %d: label statistics failed: %s", rid, exc)
             self._emit("error", round=rid, message=f"label statistics failed: {exc}")
@@ -659,6 +693,8 @@ class NodeDaemon:
             counts.class_counts,
             counts.response_sums,
             message.session,
+            thetas=thetas,
+            calibration_images=used,
         )
         payload = protocol.encode(stats)
         self.pending_labels, self.labels_sent = payload, key
@@ -675,6 +711,7 @@ class NodeDaemon:
             "label_stats_sent",
             round=rid,
             images=stats.n_images,
+            calibration_images=used,
             seconds=round(seconds, 3),
             bytes=len(payload),
         )

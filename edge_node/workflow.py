@@ -91,18 +91,7 @@ def train_model(
         seen_before = 0
     flat = _flat(images)
     t0 = time.perf_counter()
-    if backend.is_gpu:
-        from edge_node.cuda_train import train_images_cuda
-
-        weights, thetas, _ = train_images_cuda(
-            weights, thetas, flat, params, rng=rng, progress=progress
-        )
-        weights, thetas = to_host(weights), to_host(thetas)
-    else:
-        result = trainer.train(
-            weights, thetas, flat, params, rng=rng, progress=progress, native=backend.is_native
-        )
-        weights, thetas = result.weights, result.thetas
+    weights, thetas = _learn(weights, thetas, flat, params, backend, rng, progress)
     train_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -122,6 +111,59 @@ def train_model(
         notes=lineage_notes(image_labels, start),
     )
     return TrainingRun(model=model, train_seconds=train_seconds, label_seconds=label_seconds)
+
+
+def _learn(
+    weights: np.ndarray,
+    thetas: np.ndarray,
+    flat: np.ndarray,
+    params: NetworkParams,
+    backend: Backend,
+    rng: np.random.Generator,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of STDP over ``flat`` on ``backend``: (weights, thetas) on the host."""
+    if backend.is_gpu:
+        from edge_node.cuda_train import train_images_cuda
+
+        weights, thetas, _ = train_images_cuda(
+            weights, thetas, flat, params, rng=rng, progress=progress
+        )
+        return to_host(weights), to_host(thetas)
+    result = trainer.train(
+        weights, thetas, flat, params, rng=rng, progress=progress, native=backend.is_native
+    )
+    return result.weights, result.thetas
+
+
+def calibrate_thetas(
+    model: SubModel, images: np.ndarray, backend: Backend, *, seed: int = 0
+) -> np.ndarray:
+    """The thresholds of ``model`` after a thresholds-only pass over ``images``.
+
+    The network runs as in training but with both learning rates at zero, so the weights
+    stay as they are and only the adaptive thresholds move: each neuron's theta grows by
+    ``theta_plus`` per spike it wins *in this population*. A merged model holds neurons
+    whose thresholds were set by different amounts of different data; this pass puts
+    them on one footing (docs/merge.md).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) float64 thresholds; ``model`` is not modified.
+    """
+    if images.shape[0] == 0:
+        return np.asarray(model.thetas, dtype=np.float64).copy()
+    frozen = model.params.replace(nu_pre=0.0, nu_post=0.0)
+    _, thetas = _learn(
+        model.weights.copy(),
+        model.thetas.copy(),
+        _flat(images),
+        frozen,
+        backend,
+        np.random.default_rng(seed),
+    )
+    return np.asarray(thetas, dtype=np.float64)
 
 
 def lineage_notes(image_labels: np.ndarray, start: SubModel | None) -> dict[str, str]:

@@ -27,6 +27,10 @@ that installs it answers with :class:`LabelStats` (its per-class image counts an
 neuron's summed spike counts per class on its labelled images), and the aggregator
 publishes the same round's global model again with labels pooled from them
 (``federated``), or ``kept`` when no node answered (:mod:`aggregator.federated_labels`).
+A provisional model may also carry the note ``calibrate`` (:data:`CALIBRATE_NOTE`, a number
+of images N): each node then first runs a thresholds-only pass over N of its images (the
+weights frozen, theta adapting) and sends its thresholds with its statistics, measured
+under them; the aggregator averages the thresholds.
 
 Messages are plain frozen dataclasses; ``encode`` and the ``decode_*`` functions are the
 only conversions to and from bytes. No pickle anywhere.
@@ -62,6 +66,8 @@ LABELS_PROVISIONAL = "provisional"  # the sub-models' labels; label statistics r
 LABELS_KEPT = "kept"  # the sub-models' labels, final
 LABELS_FEDERATED = "federated"  # pooled from the nodes' label statistics, final
 LABEL_STATES = (LABELS_PROVISIONAL, LABELS_KEPT, LABELS_FEDERATED)
+# On a provisional global model: images per node of the thresholds-only pass asked for.
+CALIBRATE_NOTE = "calibrate"
 _HEX = frozenset("0123456789abcdef")
 _METRIC_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -173,6 +179,10 @@ class LabelStats:
     ``response_sums[c, j]``: neuron ``j``'s spike counts summed over those images, with the
     global model frozen. ``model_tag`` is :func:`estdp.lineage.parent_tag` of the global
     model they were measured on, so that statistics of another model are never pooled.
+    When that model asked for a calibration (:data:`CALIBRATE_NOTE`), ``thetas`` are the
+    node's thresholds after its thresholds-only pass over ``calibration_images`` images,
+    and the statistics were measured with them; otherwise ``thetas`` is None and
+    ``calibration_images`` 0 (and neither is on the wire).
     """
 
     node_id: str
@@ -181,6 +191,8 @@ class LabelStats:
     class_counts: np.ndarray  # (C,) int64
     response_sums: np.ndarray  # (C, N) float64
     session: str = ""
+    thetas: np.ndarray | None = None  # (N,) float64, after the calibration pass
+    calibration_images: int = 0
 
     @property
     def n_images(self) -> int:
@@ -210,6 +222,19 @@ def global_labels(model: SubModel) -> str:
     without the note, e.g. from an earlier version, keeps the sub-models' labels)."""
     value = model.provenance.notes.get(LABELS_NOTE, LABELS_KEPT)
     return value if value in LABEL_STATES else LABELS_KEPT
+
+
+def requested_calibration(model: SubModel) -> int:
+    """Images per node of the thresholds-only pass a provisional global model asks for
+    (:data:`CALIBRATE_NOTE`); 0 when it asks for none or the note is not a count."""
+    if global_labels(model) != LABELS_PROVISIONAL:
+        return 0
+    text = model.provenance.notes.get(CALIBRATE_NOTE, "")
+    try:
+        value = int(text)
+    except ValueError:
+        return 0
+    return max(value, 0)
 
 
 # ---- encoding -------------------------------------------------------------------------------
@@ -323,6 +348,9 @@ def encode(message: Message, *, weight_encoding: str = "float32") -> bytes:
             "response_sums": encode_array(np.asarray(message.response_sums, dtype=np.float64)),
             "session": message.session,
         }
+        if message.thetas is not None:
+            body["thetas"] = encode_array(np.asarray(message.thetas, dtype=np.float64))
+            body["calibration_images"] = int(message.calibration_images)
     else:
         raise TypeError(f"not a protocol message: {type(message).__name__}")
     return envelope(_KIND_OF[type(message)], body)
@@ -388,13 +416,15 @@ def open_envelope(
 class _Body:
     """Typed, checked access to the fields of a message body."""
 
-    def __init__(self, kind: str, body: dict[str, Any], keys: tuple[str, ...]) -> None:
+    def __init__(
+        self, kind: str, body: dict[str, Any], keys: tuple[str, ...], optional: tuple[str, ...]
+    ) -> None:
         self.kind = kind
         self.body = body
         missing = [k for k in keys if k not in body]
         if missing:
             raise ProtocolError(f"{kind}: missing field(s) {', '.join(missing)}")
-        extra = sorted(str(k) for k in set(body) - set(keys))
+        extra = sorted(str(k) for k in set(body) - set(keys) - set(optional))
         if extra:
             raise ProtocolError(f"{kind}: unexpected field(s) {', '.join(extra)}")
 
@@ -614,6 +644,14 @@ def _decode_labels(b: _Body, limits: Limits) -> LabelStats:
         raise b.fail("response_sums", "holds a negative sum (spike counts are >= 0)")
     if (sums[counts == 0] != 0).any():
         raise b.fail("response_sums", "holds responses to a class without images")
+    thetas, calibration_images = None, 0
+    if "thetas" in b.body or "calibration_images" in b.body:
+        if "thetas" not in b.body or "calibration_images" not in b.body:
+            raise b.fail("thetas", "and calibration_images come together")
+        thetas = b.array("thetas", "float64", (n_neurons,), limits)
+        if not np.isfinite(thetas).all():
+            raise b.fail("thetas", "holds NaN or inf")
+        calibration_images = b.int("calibration_images")
     return LabelStats(
         node_id=b.node_id(),
         round_id=b.int("round_id"),
@@ -621,6 +659,8 @@ def _decode_labels(b: _Body, limits: Limits) -> LabelStats:
         class_counts=counts,
         response_sums=sums,
         session=b.session(),
+        thetas=thetas,
+        calibration_images=calibration_images,
     )
 
 
@@ -650,6 +690,9 @@ _FIELDS: dict[str, tuple[str, ...]] = {
         "session",
     ),
 }
+# Fields a message may leave out (added after schema version 1: older peers send and
+# accept messages without them).
+_OPTIONAL: dict[str, tuple[str, ...]] = {"labels": ("thetas", "calibration_images")}
 _DECODERS = {
     "round": _decode_round,
     "update": _decode_update,
@@ -683,12 +726,12 @@ def decode(payload: Any, limits: Limits = DEFAULT_LIMITS) -> Message:
     kind, body = open_envelope(payload, limits)
     if kind == "chunk":
         raise ProtocolError("message: a chunk where a whole message is expected")
-    return _DECODERS[kind](_Body(kind, body, _FIELDS[kind]), limits)
+    return _DECODERS[kind](_Body(kind, body, _FIELDS[kind], _OPTIONAL.get(kind, ())), limits)
 
 
 def _decode_kind(kind: str, payload: Any, limits: Limits) -> Any:
     _, body = open_envelope(payload, limits, expect=kind)
-    return _DECODERS[kind](_Body(kind, body, _FIELDS[kind]), limits)
+    return _DECODERS[kind](_Body(kind, body, _FIELDS[kind], _OPTIONAL.get(kind, ())), limits)
 
 
 def decode_round(payload: Any, limits: Limits = DEFAULT_LIMITS) -> RoundAnnouncement:

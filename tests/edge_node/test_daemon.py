@@ -53,8 +53,13 @@ class Trainer:
 
     def label_stats(self, m, round_id):
         self.label_calls = getattr(self, "label_calls", []) + [round_id]
+        self.measured_thetas = m.thetas.copy()
         counts = np.arange(10, dtype=np.int64)  # class 0: no images
         return LabelCounts(counts, counts[:, None] * np.ones((10, m.n_neurons)))
+
+    def calibrate(self, m, n_images, round_id):
+        self.calibrate_calls = getattr(self, "calibrate_calls", []) + [(n_images, round_id)]
+        return m.thetas + 2.5, min(n_images, 40)  # a 40-image shard
 
 
 def connect(broker: MemoryBroker, cid: str, will=None) -> Channel:
@@ -295,6 +300,48 @@ def test_a_provisional_global_gets_label_stats_then_the_final_replaces_it(
     agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)))
     node.step(0)
     assert load_model(tmp_path / "n1" / "global.estdp").labels.tolist() == [3] * 8
+
+
+def test_a_calibration_request_sends_the_thresholds_and_stats_measured_under_them(
+    agg_side, tmp_path: Path
+) -> None:
+    broker, agg = agg_side
+    trainer = Trainer()
+    node, events = make_node(broker, tmp_path, trainer)
+    announce(agg, 1)
+    node.step(0)
+    received(agg)
+    provisional = with_labels_note(
+        model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL, {protocol.CALIBRATE_NOTE: "100"}
+    )
+    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
+    node.step(0)
+    (stats,) = [m for m in received(agg) if isinstance(m, protocol.LabelStats)]
+    assert trainer.calibrate_calls == [(100, 1)]
+    assert stats.calibration_images == 40 and stats.model_tag == parent_tag(provisional)
+    np.testing.assert_array_equal(stats.thetas, np.full(8, 2.5))
+    np.testing.assert_array_equal(trainer.measured_thetas, np.full(8, 2.5, np.float32))
+    # What the node installed is the aggregator's model, not its own thresholds.
+    np.testing.assert_array_equal(load_model(tmp_path / "n1" / "global.estdp").thetas, 0.0)
+    (sent,) = [e for e in events if e["event"] == "label_stats_sent"]
+    assert sent["calibration_images"] == 40
+
+
+def test_without_a_calibration_request_the_thresholds_stay_off_the_wire(
+    agg_side, tmp_path: Path
+) -> None:
+    broker, agg = agg_side
+    trainer = Trainer()
+    node, _ = make_node(broker, tmp_path, trainer)
+    announce(agg, 1)
+    node.step(0)
+    received(agg)
+    provisional = noted(model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL)
+    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
+    node.step(0)
+    (stats,) = [m for m in received(agg) if isinstance(m, protocol.LabelStats)]
+    assert stats.thetas is None and stats.calibration_images == 0
+    assert not hasattr(trainer, "calibrate_calls")
 
 
 def test_a_restarted_node_resends_its_label_stats_without_measuring_again(

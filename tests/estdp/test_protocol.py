@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 
@@ -126,6 +127,64 @@ def test_round_trip_of_label_statistics() -> None:
     np.testing.assert_array_equal(back.response_sums, LABELS.response_sums)  # bit for bit
     assert back.n_images == 18
     assert protocol.decode_labels(payload).response_sums.shape == (10, 10)
+
+
+def test_label_statistics_without_thresholds_keep_the_version_1_fields() -> None:
+    body = body_of(protocol.encode(LABELS))["body"]
+    assert "thetas" not in body and "calibration_images" not in body  # older peers accept it
+    back = protocol.decode_labels(protocol.encode(LABELS))
+    assert back.thetas is None and back.calibration_images == 0
+
+
+def test_label_statistics_carry_the_thresholds_of_a_calibration_pass() -> None:
+    thetas = np.linspace(10.0, 30.0, 10) + 1e-9  # float64, bit for bit
+    stats = dataclasses.replace(LABELS, thetas=thetas, calibration_images=1500)
+    back = protocol.decode_labels(protocol.encode(stats))
+    assert back.calibration_images == 1500 and back.thetas.dtype == np.float64
+    np.testing.assert_array_equal(back.thetas, thetas)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"thetas": np.zeros(9)}, "thetas"),  # one neuron short of response_sums
+        ({"thetas": np.array([np.nan] + [0.0] * 9)}, "NaN"),
+        ({"calibration_images": -1}, "calibration_images"),
+    ],
+)
+def test_bad_thresholds_in_label_statistics_are_rejected(change, message) -> None:
+    stats = dataclasses.replace(LABELS, thetas=np.zeros(10), calibration_images=5)
+    env = body_of(protocol.encode(dataclasses.replace(stats, **change)))
+    with pytest.raises(ProtocolError, match=message):
+        protocol.decode_labels(repack(env))
+
+
+def test_thresholds_without_their_image_count_are_rejected() -> None:
+    env = body_of(protocol.encode(dataclasses.replace(LABELS, thetas=np.zeros(10))))
+    del env["body"]["calibration_images"]
+    with pytest.raises(ProtocolError, match="come together"):
+        protocol.decode_labels(repack(env))
+
+
+def test_the_calibration_request_of_a_provisional_model() -> None:
+    def with_notes(notes):
+        return model_mod.SubModel(
+            **{
+                **MODEL.__dict__,
+                "provenance": model_mod.Provenance(**{**MODEL.provenance.__dict__, "notes": notes}),
+            }
+        )
+
+    assert protocol.requested_calibration(with_notes({"labels": "provisional"})) == 0
+    asked = with_notes({"labels": "provisional", "calibrate": "1500"})
+    assert protocol.requested_calibration(asked) == 1500
+    # Only a provisional model asks; a note that is not a count asks for nothing.
+    assert (
+        protocol.requested_calibration(with_notes({"labels": "federated", "calibrate": "9"})) == 0
+    )
+    assert (
+        protocol.requested_calibration(with_notes({"labels": "provisional", "calibrate": "x"})) == 0
+    )
 
 
 def test_the_labels_note_of_a_global_model() -> None:
