@@ -22,6 +22,15 @@ A round, from the aggregator's side::
               same weights, the pooled labels (labels=federated; labels=kept with the
               sub-models' labels if no node reported). Only then is the next round
               announced.
+    calibrating (``calibrate_images`` N > 0, after a merge that pruned: the first round,
+              or ``continued_merge="prune"``) before labelling: the provisional model
+              carries the note calibrate=N; each node runs a thresholds-only pass over
+              N of its images and answers with its thresholds (LabelStats.thetas),
+              stored like label statistics. When every node has answered, or the label
+              deadline passed, the thresholds are averaged, weighted by the images
+              behind them (aggregator.calibration), and a second provisional model
+              with them is published; labelling then runs on it as above, with a
+              deadline of its own.
 
 Faults: a restart reloads the state directory and re-announces the open round (same id,
 same deadline); nodes publish their updates retained, so updates sent while the
@@ -71,7 +80,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aggregator import average, federated_labels
+from aggregator import average, calibration, federated_labels
 from aggregator.removal import DEFAULT_RULE, check_rule
 from aggregator.state import AggregatorState
 from estdp import protocol
@@ -163,7 +172,11 @@ class AggregatorConfig:
         sub-models came with. A site aggregator labels nothing itself (see the module
         docstring); it follows the root's global model.
     label_deadline_s
-        Seconds the labelling phase waits for the nodes' statistics.
+        Seconds the labelling phase waits for the nodes' statistics (and the
+        calibrating phase for their thresholds).
+    calibrate_images
+        Images per node of the thresholds-only pass before labelling, after a merge
+        that pruned (:mod:`aggregator.calibration`); 0: none. Needs federated labels.
     """
 
     nodes: int
@@ -181,6 +194,7 @@ class AggregatorConfig:
     upstream: UpstreamConfig | None = None
     labels: str = LABELS_FEDERATED
     label_deadline_s: float = 120.0
+    calibrate_images: int = calibration.DEFAULT_IMAGES
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.target < 1 or self.neurons_per_node < 1:
@@ -202,6 +216,8 @@ class AggregatorConfig:
                 f"--label-deadline must be a positive number of seconds, "
                 f"got {self.label_deadline_s}"
             )
+        if self.calibrate_images < 0:
+            raise ConfigError(f"--calibrate-images must be >= 0, got {self.calibrate_images}")
         check_rule(self.rule)
         if self.continued_merge not in CONTINUED_MERGES:
             raise ConfigError(
@@ -316,8 +332,8 @@ class AggregatorDaemon:
         # The latest root announcement and global model seen (upstream mode).
         self._root_round: RoundAnnouncement | None = None
         self._root_global: GlobalModel | None = None
-        # The global model being labelled, decoded once from the state: (round, model).
-        self._label_model: tuple[int, SubModel] | None = None
+        # The global model being labelled, decoded once from the state: (round, tag, model).
+        self._label_model: tuple[int, str, SubModel] | None = None
 
     # ---- life cycle ---------------------------------------------------------------------
 
@@ -349,10 +365,11 @@ class AggregatorDaemon:
             self._emit("resumed", round=current.round_id, phase=current.phase)
             self._announce(current.announcement)
             self._send_forwarded()
-        elif current.phase == "labelling":
+        elif current.phase in ("calibrating", "labelling"):
             stored = self.state.label_reporters()
             log.info(
-                "resuming the labelling of round %d with %d stored label statistics",
+                "resuming the %s of round %d with %d stored label statistics",
+                "calibration" if current.phase == "calibrating" else "labelling",
                 current.round_id,
                 len(stored),
             )
@@ -599,7 +616,7 @@ class AggregatorDaemon:
         models = [updates[n].model for n in node_ids]
         t0 = time.perf_counter()
         try:
-            merged, report = self._combine(models, announcement)
+            merged, report, averaged = self._combine(models, announcement)
         except MergeError as exc:
             # Bad inputs will not get better by waiting: log, and leave the round open so
             # an operator sees it (status lines) and can fix or restart with other flags.
@@ -616,16 +633,32 @@ class AggregatorDaemon:
         labelling = self.config.labels == LABELS_FEDERATED
         labels = LABELS_PROVISIONAL if labelling else LABELS_KEPT
         merged = federated_labels.with_labels_note(merged, labels)
+        # Averaged updates share their thresholds' history; a pruned concatenation does not.
+        calibrating = labelling and self.config.calibrate_images > 0 and not averaged
+        if calibrating:
+            merged = calibration.requested(merged, self.config.calibrate_images)
         message = GlobalModel(
             announcement.round_id, merged, node_ids, metrics, announcement.session
         )
         payload = protocol.encode(message, weight_encoding=self.config.weight_encoding)
         packets = self.channel.send(self.topics.global_model, payload, retain=True)
+        phase = "calibrating" if calibrating else "labelling"
         if labelling:
             deadline = self.clock() + self.config.label_deadline_s
-            self.state.mark_labelling(payload, merged, node_ids, parent_tag(merged), deadline)
+            self.state.mark_labelling(
+                payload, merged, node_ids, parent_tag(merged), deadline, phase=phase
+            )
         else:
             self.state.mark_merged(payload, merged, node_ids)
+        if calibrating:
+            pending = (
+                f"; thresholds calibrated by the nodes ({self.config.calibrate_images} images "
+                "each), then labels from their label statistics"
+            )
+        elif labelling:
+            pending = "; labels provisional until the nodes' label statistics are in"
+        else:
+            pending = ""
         log.info(
             "round %d merged (%s): %d neurons from %s in %.2f s%s",
             announcement.round_id,
@@ -633,7 +666,7 @@ class AggregatorDaemon:
             merged.n_neurons,
             ", ".join(node_ids),
             merge_seconds,
-            "; labels provisional until the nodes' label statistics are in" if labelling else "",
+            pending,
         )
         self._emit(
             "global",
@@ -648,24 +681,27 @@ class AggregatorDaemon:
         )
         if labelling:
             self._emit(
-                "labelling",
+                phase,
                 round=announcement.round_id,
                 expected=list(node_ids),
                 deadline_unix=round(deadline, 3),
+                **({"images": self.config.calibrate_images} if calibrating else {}),
             )
         else:
             self._next_round()
 
     def _combine(
         self, models: list[SubModel], announcement: RoundAnnouncement
-    ) -> tuple[SubModel, Any]:
+    ) -> tuple[SubModel, Any, bool]:
         """Average updates that continued the same global model (aggregator.average),
-        pruning the average if it is still above the target; else ``merge_fn``."""
+        pruning the average if it is still above the target; else ``merge_fn``. The flag
+        says whether it averaged."""
         target, metric = announcement.target_size, announcement.metric
         if not (self.config.continued_merge == "average" and average.siblings(models)):
-            return self.merge_fn(
+            merged, report = self.merge_fn(
                 models, target, metric, round_id=announcement.round_id, rule=self.config.rule
             )
+            return merged, report, False
         t0 = time.perf_counter()
         merged = average.average(models, round=announcement.round_id)
         report: dict[str, Any] = {
@@ -680,7 +716,7 @@ class AggregatorDaemon:
             announcement.round_id,
             len(models),
         )
-        return merged, report
+        return merged, report, True
 
     # ---- labelling ----------------------------------------------------------------------
 
@@ -689,7 +725,8 @@ class AggregatorDaemon:
         current = self.state.current
         if current is None:
             return None
-        if self._label_model is None or self._label_model[0] != current.round_id:
+        key = (current.round_id, current.model_tag)
+        if self._label_model is None or self._label_model[:2] != key:
             payload = self.state.global_payload()
             if payload is None:
                 return None
@@ -698,8 +735,8 @@ class AggregatorDaemon:
             except ProtocolError as exc:
                 log.error("round %d: the stored global model is damaged: %s", current.round_id, exc)
                 return None
-            self._label_model = (current.round_id, model)
-        return self._label_model[1]
+            self._label_model = (*key, model)
+        return self._label_model[2]
 
     def _label_expected(self) -> list[str]:
         """Who the labelling waits for: the nodes in the global model (a flat or root
@@ -730,7 +767,19 @@ class AggregatorDaemon:
                 "ignoring label statistics of round %d from %s: its labelling is over", rid, sender
             )
             return
-        if rid != current.round_id or current.phase != "labelling":
+        if (
+            rid == current.round_id
+            and current.phase == "labelling"
+            and stats.thetas is not None
+            and stats.model_tag != current.model_tag
+        ):
+            log.info(
+                "ignoring the calibration of round %d from %s: it came after the deadline",
+                rid,
+                sender,
+            )
+            return
+        if rid != current.round_id or current.phase not in ("calibrating", "labelling"):
             self._reject(
                 f"label statistics from {sender} for round {rid}, which is not being labelled",
                 node=sender,
@@ -755,6 +804,12 @@ class AggregatorDaemon:
                 round=rid,
             )
             return
+        if current.phase == "calibrating" and stats.thetas is not None:
+            assert model is not None
+            why = calibration.problem(stats, model.n_neurons)
+            if why:
+                self._reject(f"calibration from {sender}: {why}", node=sender, round=rid)
+                return
         if not self.state.add_label_stats(sender, payload):
             log.debug("duplicate label statistics from %s for round %d", sender, rid)
             return
@@ -773,26 +828,101 @@ class AggregatorDaemon:
             round=rid,
             node=sender,
             images=stats.n_images,
+            calibration_images=int(stats.calibration_images),
             received=len(reporters),
             expected=len(expected),
         )
 
     def _maybe_finish_labelling(self) -> None:
         current = self.state.current
-        if current is None or current.phase != "labelling":
+        if current is None or current.phase not in ("calibrating", "labelling"):
             return
+        calibrating = current.phase == "calibrating"
+        finish = self._finish_calibrating if calibrating else self._finish_labelling
         if self.upstream is not None and self.state.relayed_labels_payload() is not None:
             return  # relayed: waiting for the root's final model
         reporters = self.state.label_reporters()
         expected = self._label_expected()
         if set(expected) <= set(reporters):
-            self._finish_labelling(f"{len(reporters)} of {len(expected)} nodes reported")
+            finish(f"{len(reporters)} of {len(expected)} nodes reported")
         elif self.clock() >= current.label_deadline_unix:
             missing = sorted(set(expected) - set(reporters))
-            self._finish_labelling(
+            finish(
                 f"label deadline passed with {len(reporters)} of {len(expected)} "
                 f"(missing: {', '.join(missing)})"
             )
+
+    def _finish_calibrating(self, why: str) -> None:
+        """Average the nodes' calibrated thresholds and publish the model with them as the
+        round's provisional model again, for labelling; with no calibration to average, go
+        on to label from what came (statistics of nodes that ran no calibration pass)."""
+        current = self.state.current
+        assert current is not None
+        model = self._labelling_model()
+        if model is None:
+            self.done = True
+            return
+        stats = self.state.load_label_stats()
+        good = {n: s for n, s in stats.items() if s.thetas is not None}
+        if not good:
+            log.warning(
+                "round %d: no node calibrated the thresholds (%s); labels from the model as merged",
+                current.round_id,
+                why,
+            )
+            self._finish_labelling(why)
+            return
+        try:
+            averaged = calibration.average_thetas(good, model.n_neurons)
+            tuned = calibration.calibrated(model, averaged)
+        except MergeError as exc:  # checked as they came; a damaged state directory
+            log.error("round %d: the thresholds cannot be averaged: %s", current.round_id, exc)
+            self._finish_labelling(why)
+            return
+        if parent_tag(tuned) == current.model_tag:
+            # The nodes would not answer the same model again: its statistics are these.
+            self._finish_labelling(why)
+            return
+        payload = self.state.global_payload()
+        assert payload is not None  # _labelling_model decoded it
+        provisional = protocol.decode_global(payload, self.state.limits)
+        metrics = {
+            **provisional.metrics,
+            "calibration_nodes": float(len(averaged.nodes)),
+            "calibration_images": float(averaged.images),
+        }
+        message = GlobalModel(
+            current.round_id, tuned, provisional.contains, metrics, provisional.session
+        )
+        out = protocol.encode(message, weight_encoding=self.config.weight_encoding)
+        packets = self.channel.send(self.topics.global_model, out, retain=True)
+        deadline = self.clock() + self.config.label_deadline_s
+        self.state.mark_labelling(out, tuned, provisional.contains, parent_tag(tuned), deadline)
+        log.info(
+            "round %d: thresholds calibrated by %d node(s) on %d images (%s; mean %.2f -> "
+            "%.2f); provisional model published again for its labels",
+            current.round_id,
+            len(averaged.nodes),
+            averaged.images,
+            why,
+            float(model.thetas.mean()),
+            float(tuned.thetas.mean()),
+        )
+        self._emit(
+            "calibrated",
+            round=current.round_id,
+            nodes=list(averaged.nodes),
+            images=averaged.images,
+            reason=why,
+            bytes=len(out),
+            packets=packets,
+        )
+        self._emit(
+            "labelling",
+            round=current.round_id,
+            expected=list(provisional.contains),
+            deadline_unix=round(deadline, 3),
+        )
 
     def _finish_labelling(self, why: str) -> None:
         """Pool the stored statistics into the global model's labels and publish it again
@@ -810,7 +940,7 @@ class AggregatorDaemon:
             self._relay_labels(stats, why)
             return
         images = sum(s.n_images for s in stats.values())
-        model = provisional.model
+        model = calibration.without_request(provisional.model)  # not for the final model
         labels = LABELS_KEPT
         if stats:
             try:
@@ -1002,9 +1132,12 @@ class AggregatorDaemon:
         """Publish the root's global model as the current site round's global model."""
         current = self.state.current
         assert current is not None
+        # A site relays label statistics but no thresholds: its nodes are not asked for a
+        # calibration, and the root labels from their statistics on the model as merged.
+        model = calibration.without_request(root.model)
         message = GlobalModel(
             current.round_id,
-            root.model,
+            model,
             root.contains,
             {**root.metrics, "root_round": float(root.round_id)},
             current.announcement.session,
@@ -1021,11 +1154,9 @@ class AggregatorDaemon:
         if labels == LABELS_PROVISIONAL:
             # The root asks for label statistics: relay our nodes' (see the module doc).
             deadline = self.clock() + self.config.label_deadline_s
-            self.state.mark_labelling(
-                payload, root.model, root.contains, parent_tag(root.model), deadline
-            )
+            self.state.mark_labelling(payload, model, root.contains, parent_tag(model), deadline)
         else:
-            self.state.mark_merged(payload, root.model, root.contains)
+            self.state.mark_merged(payload, model, root.contains)
         log.info(
             "round %d: the root's model of round %d (%d neurons from %s, labels %s) "
             "published to the site",

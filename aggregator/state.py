@@ -4,6 +4,7 @@ Layout of the state directory::
 
     state.json                         the current round: its announcement and phase
     rounds/<R>/updates/<node>.msg      each accepted update, as the bytes that arrived
+    rounds/<R>/calibration/<node>.msg  each accepted calibration (calibrating)
     rounds/<R>/labels/<node>.msg       each accepted label statistics message (labelling)
     rounds/<R>/global.msg              the published global model message (the provisional
                                        one while labelling, then the final one)
@@ -26,6 +27,12 @@ label statistics are collected, each stored before it counts (the directory of s
 the list of reporters, as for updates); ``state.json`` also records the model tag the
 statistics must name and the label deadline, so that a restart resumes the phase with
 the statistics it had, and the same deadline.
+
+With threshold calibration (``aggregator.calibration``) the phase ``calibrating`` comes
+before ``labelling``: the provisional model that asks for it is published, and the nodes'
+thresholds (label statistics with ``thetas``) are collected in the same way, in their own
+directory, under the same two records (that model's tag, the calibration deadline). Then
+``labelling`` starts over with the model of averaged thresholds, its tag and deadline.
 
 A *site* aggregator (``aggregator.daemon``, upstream mode) has one more phase between
 the two: ``forwarded``, its site model sent upstream and the root's global model not yet
@@ -53,8 +60,10 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 # "open": collecting updates; "forwarded": a site model sent upstream, waiting for the
 # root's global model; "labelling": the provisional global model published, collecting
-# the nodes' label statistics; "merged": the round's (final) global model published.
-PHASES = ("open", "forwarded", "labelling", "merged")
+# the nodes' label statistics; "calibrating" (before "labelling"): the provisional model
+# asking for a thresholds-only pass published, collecting the nodes' thresholds;
+# "merged": the round's (final) global model published.
+PHASES = ("open", "forwarded", "calibrating", "labelling", "merged")
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,8 @@ class RoundState:
     # Upstream mode only: the root round this site round serves ("" and 0 otherwise).
     upstream_session: str = ""
     upstream_round: int = 0
-    # Labelling only: the tag of the provisional global model and the label deadline.
+    # Calibrating and labelling only: the tag of the provisional global model and the
+    # deadline of the phase.
     model_tag: str = ""
     label_deadline_unix: float = 0.0
 
@@ -115,8 +125,9 @@ class AggregatorState:
     def _updates_dir(self, round_id: int) -> Path:
         return self.round_dir(round_id) / "updates"
 
-    def _labels_dir(self, round_id: int) -> Path:
-        return self.round_dir(round_id) / "labels"
+    def _labels_dir(self, round_id: int, phase: str = "labelling") -> Path:
+        name = "calibration" if phase == "calibrating" else "labels"
+        return self.round_dir(round_id) / name
 
     # ---- state.json -----------------------------------------------------------------------
 
@@ -252,19 +263,24 @@ class AggregatorState:
         contains: tuple[str, ...],
         model_tag: str,
         label_deadline_unix: float,
+        *,
+        phase: str = "labelling",
     ) -> None:
         """Record the provisional global model of the current round, published; the
-        label statistics for ``model_tag`` are collected until ``label_deadline_unix``."""
+        label statistics for ``model_tag`` are collected until ``label_deadline_unix``
+        (``phase="calibrating"``: the nodes' calibrations, in their own directory)."""
         if self.current is None:
             raise ConfigError("no round is open")
+        if phase not in ("calibrating", "labelling"):
+            raise ValueError(f"not a phase of provisional models: {phase!r}")
         directory = self.round_dir(self.current.round_id)
-        self._labels_dir(self.current.round_id).mkdir(parents=True, exist_ok=True)
+        self._labels_dir(self.current.round_id, phase).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / "global.msg", global_payload)
         save_model(model, directory / "global.estdp")
         self._save(
             replace(
                 self.current,
-                phase="labelling",
+                phase=phase,
                 contains=tuple(contains),
                 model_tag=model_tag,
                 label_deadline_unix=float(label_deadline_unix),
@@ -272,13 +288,14 @@ class AggregatorState:
         )
 
     def add_label_stats(self, node_id: str, payload: bytes) -> bool:
-        """Store accepted label statistics of the current round; False if ``node_id``
-        already has some (the first ones count)."""
+        """Store accepted label statistics of the current round (of its current phase,
+        calibrating or labelling); False if ``node_id`` already has some (the first ones
+        count)."""
         if self.current is None:
             raise ConfigError("no round is open")
         if not is_valid_id(node_id):
             raise ConfigError(f"invalid node id {node_id!r}")
-        path = self._labels_dir(self.current.round_id) / f"{node_id}.msg"
+        path = self._labels_dir(self.current.round_id, self.current.phase) / f"{node_id}.msg"
         if path.exists():
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,22 +303,24 @@ class AggregatorState:
         return True
 
     def label_reporters(self) -> list[str]:
-        """Node ids with label statistics stored for the current round, sorted."""
+        """Node ids with label statistics stored for the current round (its current
+        phase, calibrating or labelling), sorted."""
         if self.current is None:
             return []
-        directory = self._labels_dir(self.current.round_id)
+        directory = self._labels_dir(self.current.round_id, self.current.phase)
         if not directory.is_dir():
             return []
         return sorted(p.stem for p in directory.glob("*.msg") if is_valid_id(p.stem))
 
     def load_label_stats(self) -> dict[str, LabelStats]:
-        """The stored label statistics of the current round, decoded again; a damaged
-        file is logged and left out."""
+        """The stored label statistics of the current round (its current phase), decoded
+        again; a damaged file is logged and left out."""
         out: dict[str, LabelStats] = {}
         if self.current is None:
             return out
+        directory = self._labels_dir(self.current.round_id, self.current.phase)
         for node_id in self.label_reporters():
-            path = self._labels_dir(self.current.round_id) / f"{node_id}.msg"
+            path = directory / f"{node_id}.msg"
             try:
                 stats = protocol.decode_labels(path.read_bytes(), self.limits)
             except (OSError, ProtocolError) as exc:
@@ -371,6 +390,6 @@ class AggregatorState:
         }
         if cur is not None and cur.upstream_round:
             out["upstream_round"] = cur.upstream_round
-        if cur is not None and cur.phase == "labelling":
+        if cur is not None and cur.phase in ("calibrating", "labelling"):
             out["labels_from"] = self.label_reporters()
         return out

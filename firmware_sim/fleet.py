@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.calibration import DEFAULT_IMAGES as DEFAULT_CALIBRATE_IMAGES
 from aggregator.removal import DEFAULT_RULE
 from estdp.errors import ConfigError, EstdpError
 from estdp.topics import Topics, validate_id
@@ -78,6 +79,7 @@ class FleetConfig:
     rule: str = DEFAULT_RULE  # removal rule of the merge (aggregator --rule)
     labels: str = "federated"  # labels of the global model (aggregator --labels)
     label_deadline_s: float | None = None  # None: default_label_deadline
+    calibrate_images: int = DEFAULT_CALIBRATE_IMAGES  # aggregator --calibrate-images
     images: int = 30000
     offset: int = 0
     partition: partitions.PartitionSpec = field(default_factory=partitions.PartitionSpec)
@@ -105,6 +107,8 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if self.labels not in ("kept", "federated"):
             raise ConfigError(f"--labels must be kept or federated, got {self.labels!r}")
+        if self.calibrate_images < 0:
+            raise ConfigError(f"--calibrate-images must be >= 0, got {self.calibrate_images}")
         if not 1 <= self.sites <= self.nodes:
             raise ConfigError(f"--sites must be in 1..{self.nodes} (the nodes), got {self.sites}")
         if self.site_target is not None and self.sites < 2:
@@ -212,12 +216,15 @@ def default_label_deadline(config: FleetConfig, shard_images: int) -> float:
     """How long the labelling phase waits for the boards (used without --label-deadline).
 
     Each board runs the global model (``target`` neurons) frozen over its shard: about a
-    tenth of the per-image, per-neuron cost of training, with the same margins; never
-    below the aggregator's own default of 120 s.
+    tenth of the per-image, per-neuron cost of training, with the same margins, after a
+    thresholds-only pass over ``calibrate_images`` of them (the cost of training); never
+    below the aggregator's own default of 120 s. The labelling after the calibration
+    waits as long again.
     """
     slowest = min((d.speed for d in config.devices), default=1.0)
     sharing = max(1.0, (config.nodes + (1 if config.baseline_neurons else 0)) / 2.0)
-    compute = shard_images * config.target * 1.5e-6 * sharing / slowest
+    calibrate = min(config.calibrate_images, shard_images)  # a pass as costly as training
+    compute = (shard_images * 1.5e-6 + calibrate * 1.5e-5) * config.target * sharing / slowest
     return float(max(120, math.ceil(30.0 + 10.0 * compute)))
 
 
@@ -374,6 +381,9 @@ class Fleet:
             cfg.labels,
             "--label-deadline",
             f"{self.label_deadlines()[0]:g}",
+            # The sites relay label statistics but no thresholds (docs/merge.md).
+            "--calibrate-images",
+            str(0 if cfg.hierarchical else cfg.calibrate_images),
             "--deadline",
             f"{self.root_deadline():g}",
             "--state",

@@ -271,7 +271,10 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[Path]) -> str:
             merge = "-" if r.get("merge_seconds") is None else f"{1000 * r['merge_seconds']:.1f} ms"
             labels = r.get("labels") or "-"
             if labels == "federated" and r.get("label_nodes") is not None:
-                labels += f" ({r['label_nodes']} nodes, {r.get('label_images')} images)"
+                labels += f" ({r['label_nodes']} nodes, {r.get('label_images')} images"
+                if r.get("calibration_images"):
+                    labels += f"; thresholds calibrated on {r['calibration_images']}"
+                labels += ")"
             lines.append(
                 f"| {r['round']} | {len(r.get('nodes', []))}/{r.get('expected', '?')} | "
                 f"{merge} | {labels} | {_pct(r.get('accuracy'))} |"

@@ -316,10 +316,17 @@ def _labels_note(config: FleetConfig, outcome: FleetOutcome, last: int | None) -
     labels = outcome.global_labels.get(last) if last is not None else None
     metrics = outcome.global_metrics.get(last, {}) if last is not None else {}
     if labels == "federated":
+        calibrated = ""
+        if "calibration_images" in metrics:
+            calibrated = (
+                f", after {int(metrics.get('calibration_nodes', 0))} boards re-measured its "
+                f"thresholds on {int(metrics['calibration_images'])} images "
+                "(--calibrate-images)"
+            )
         return (
             "labels of the global model: federated (--labels federated): re-assigned from "
             f"the spike counts of {int(metrics.get('label_nodes', 0))} boards on their "
-            f"{int(metrics.get('label_images', 0))} labelled training images"
+            f"{int(metrics.get('label_images', 0))} labelled training images{calibrated}"
         )
     if config.labels == "federated":
         return (
@@ -346,5 +353,8 @@ def _round_row(outcome: FleetOutcome, config: FleetConfig, row: dict[str, Any]) 
         "labels": outcome.global_labels.get(number),
         "label_nodes": int(metrics["label_nodes"]) if "label_nodes" in metrics else None,
         "label_images": int(metrics["label_images"]) if "label_images" in metrics else None,
+        "calibration_images": (
+            int(metrics["calibration_images"]) if "calibration_images" in metrics else None
+        ),
         "node_metrics": outcome.node_metrics.get(number, {}),
     }

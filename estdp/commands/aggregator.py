@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from aggregator.calibration import DEFAULT_IMAGES as DEFAULT_CALIBRATE_IMAGES
 from aggregator.daemon import (
     CONTINUED_MERGES,
     LABEL_MODES,
@@ -113,6 +114,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=120.0,
         metavar="S",
         help="seconds the labelling phase waits for the nodes' label statistics (default 120)",
+    )
+    parser.add_argument(
+        "--calibrate-images",
+        type=non_negative_int,
+        default=DEFAULT_CALIBRATE_IMAGES,
+        metavar="N",
+        help="after a merge that pruned (the first round), each node re-measures the "
+        "merged model's adaptive thresholds with a thresholds-only pass over N of its "
+        "images (weights frozen), and the labels are assigned with their average; 0: off "
+        f"(default {DEFAULT_CALIBRATE_IMAGES}; needs --labels federated; not estdp merge's "
+        "--calibrate, which re-assigns labels only; see docs/merge.md)",
     )
     parser.add_argument(
         "--state",
@@ -244,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         upstream=upstream,
         labels=args.labels,
         label_deadline_s=args.label_deadline,
+        calibrate_images=args.calibrate_images,
     )
     up_args = None
     if upstream is not None:

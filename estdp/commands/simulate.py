@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aggregator.calibration import DEFAULT_IMAGES as DEFAULT_CALIBRATE_IMAGES
 from aggregator.removal import DEFAULT_RULE, RULES
 from estdp.commands._common import (
     add_backend_arg,
@@ -90,6 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds the aggregator waits for the boards' label statistics "
         "(default: from the workload)",
+    )
+    fleet.add_argument(
+        "--calibrate-images",
+        type=non_negative_int,
+        default=DEFAULT_CALIBRATE_IMAGES,
+        metavar="N",
+        help="after a merge that pruned, each board re-measures the merged model's adaptive "
+        "thresholds over N of its images before the labels are assigned (estdp aggregator "
+        f"--calibrate-images; 0: off; default {DEFAULT_CALIBRATE_IMAGES})",
     )
     fleet.add_argument(
         "--sites",
@@ -235,6 +245,7 @@ def fleet_config(args: argparse.Namespace, run_dir: Path) -> FleetConfig:
         rule=args.rule,
         labels=args.labels,
         label_deadline_s=args.label_deadline,
+        calibrate_images=args.calibrate_images,
         images=args.images,
         offset=args.offset,
         partition=parse_spec(args.partition),

@@ -28,6 +28,9 @@ class FakeTrainer:
         self.labels = labels  # False: label statistics fail (the node sends none)
         self.starts: list[SubModel | None] = []
         self.label_calls: list[tuple[int, str]] = []  # (round, the model's labels note)
+        self.shard = 50  # images a calibration pass can use at most
+        self.calibrate_calls: list[tuple[int, int]] = []  # (round, images asked for)
+        self.thetas_measured: list[np.ndarray] = []  # the thresholds label_stats saw
 
     def train(
         self,
@@ -67,12 +70,22 @@ class FakeTrainer:
         """Made-up statistics, seeded by node and round; a class without images has no
         responses, as real ones."""
         self.label_calls.append((round_id, model.provenance.notes.get("labels", "")))
+        self.thetas_measured.append(model.thetas.copy())
         if not self.labels:
             raise EstdpError(f"{self.node_id}: no labelled images")
         rng = np.random.default_rng(zlib.crc32(f"labels/{self.node_id}/{round_id}".encode()))
         counts = rng.integers(0, 20, model.n_classes)
         sums = counts[:, None] * rng.random((model.n_classes, model.n_neurons)) * 4.0
         return LabelCounts(counts.astype(np.int64), sums)
+
+    def calibrate(self, model: SubModel, n_images: int, round_id: int) -> tuple[np.ndarray, int]:
+        """Made-up calibrated thresholds (the model's plus a seeded rise), from at most
+        ``shard`` images."""
+        self.calibrate_calls.append((round_id, n_images))
+        rng = np.random.default_rng(zlib.crc32(f"calibrate/{self.node_id}/{round_id}".encode()))
+        return model.thetas.astype(np.float64) + rng.random(model.n_neurons), min(
+            n_images, self.shard
+        )
 
 
 def concat_merge(

@@ -47,6 +47,7 @@ class Fleet:
         self.clock = Clock()
         self.tmp = tmp
         self.merge_fn = merge_fn
+        cfg.setdefault("calibrate_images", 0)  # the calibration tests turn it on
         self.config = AggregatorConfig(
             nodes=n_nodes, target=12, neurons_per_node=5, fleet=FLEET, **cfg
         )
@@ -452,3 +453,194 @@ def test_labelling_state_survives_reload(tmp_path: Path) -> None:
     )
     assert again.label_reporters() == ["n1"] and again.summary()["labels_from"] == ["n1"]
     np.testing.assert_array_equal(again.load_label_stats()["n1"].response_sums, np.ones((10, 4)))
+
+
+# ---- threshold calibration: the calibrating phase before the labelling ------------------
+
+
+def expected_thetas(fleet: Fleet, merged: np.ndarray, nodes: list[str]) -> np.ndarray:
+    """The image-weighted average of what the fake trainers of ``nodes`` calibrate."""
+    from aggregator.calibration import requested
+
+    total, images = 0.0, 0
+    for nid in nodes:
+        fresh = type(fleet.trainers[nid])(nid)
+        fresh.shard = fleet.trainers[nid].shard
+        provisional = protocol.decode_global(fleet.provisional_payload).model
+        assert provisional.provenance.notes["calibrate"] == "40"
+        thetas, used = fresh.calibrate(requested(provisional, 40), 40, 1)
+        np.testing.assert_array_equal(provisional.thetas, merged)
+        total, images = total + used * thetas, images + used
+    return total / images
+
+
+def test_a_calibrated_round_averages_the_nodes_thresholds_then_labels_on_them(
+    tmp_path: Path, fake_trainer, merge_fn
+) -> None:
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, calibrate_images=40)
+    fleet.trainers["n1"].shard = 10  # n1 has 10 images to calibrate on, the others 40
+    fleet.step(1)  # merged: the provisional model asks for a calibration
+    current = fleet.agg.state.current
+    assert current.phase == "calibrating" and not fleet.agg.done
+    fleet.provisional_payload = fleet.agg.state.global_payload(1)
+    first = protocol.decode_global(fleet.provisional_payload).model
+    assert protocol.requested_calibration(first) == 40
+    deadline = current.label_deadline_unix
+    fleet.step()
+    assert fleet.agg.done
+    kinds = fleet.kinds()
+    assert kinds.index("calibrating") < kinds.index("calibrated") < kinds.index("labelling")
+    assert kinds.index("labelling") < kinds.index("relabelled")
+    calibrated_event = next(e for e in fleet.events if e["event"] == "calibrated")
+    assert calibrated_event["nodes"] == ["n0", "n1", "n2"] and calibrated_event["images"] == 90
+    final = protocol.decode_global(fleet.agg.state.global_payload(1))
+    want = expected_thetas(fleet, first.thetas, ["n0", "n1", "n2"])
+    np.testing.assert_allclose(final.model.thetas, want, rtol=1e-6)
+    assert not np.allclose(final.model.thetas, first.thetas)  # they did move
+    np.testing.assert_array_equal(final.model.weights, first.weights)
+    notes = final.model.provenance.notes
+    assert notes["calibrated"] == "90/3" and "calibrate" not in notes
+    assert protocol.global_labels(final.model) == protocol.LABELS_FEDERATED
+    assert final.metrics["calibration_images"] == 90 and final.metrics["calibration_nodes"] == 3
+    assert fleet.agg.state.current.label_deadline_unix >= deadline  # its own deadline
+    for nid, trainer in fleet.trainers.items():
+        assert trainer.calibrate_calls == [(1, 40)], nid
+        # Second answer: plain statistics on the model with the averaged thresholds.
+        np.testing.assert_array_equal(trainer.thetas_measured[-1], final.model.thetas)
+        installed = load_model(tmp_path / nid / "global.estdp")
+        np.testing.assert_array_equal(installed.thetas, final.model.thetas)
+    assert all(not node.labels_provisional for node in fleet.nodes.values())
+
+
+def test_only_a_merge_that_pruned_is_calibrated_not_an_average(
+    tmp_path: Path, fake_trainer, merge_fn
+) -> None:
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, calibrate_images=40, rounds=2)
+    for trainer in fleet.trainers.values():
+        trainer.lineage = True  # round 2's updates continue round 1's model: averaged
+    fleet.step(12)
+    assert fleet.agg.done
+    phases = [(e["event"], e["round"]) for e in fleet.events if e["event"] in PHASE_EVENTS]
+    assert phases == [("calibrating", 1), ("calibrated", 1), ("labelling", 1), ("labelling", 2)]
+    for trainer in fleet.trainers.values():
+        assert trainer.calibrate_calls == [(1, 40)]
+    final = protocol.decode_global(fleet.agg.state.global_payload(2)).model
+    assert "calibrated" not in final.provenance.notes and "calibrate" not in final.provenance.notes
+
+
+PHASE_EVENTS = ("calibrating", "calibrated", "labelling")
+
+
+def test_a_node_that_misses_the_calibration_deadline_is_left_out_of_the_average(
+    tmp_path: Path, fake_trainer, merge_fn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aggregator.daemon")
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, calibrate_images=40)
+    fleet.step(1)
+    fleet.provisional_payload = fleet.agg.state.global_payload(1)
+    first = protocol.decode_global(fleet.provisional_payload).model
+    fleet.step(3, nodes=["n0", "n1"])  # n2 is slow: it has not answered by the deadline
+    assert fleet.agg.state.current.phase == "calibrating"
+    fleet.clock.now += 121
+    fleet.step(1, nodes=[])
+    assert fleet.agg.state.current.phase == "labelling"
+    calibrated_event = next(e for e in fleet.events if e["event"] == "calibrated")
+    assert calibrated_event["nodes"] == ["n0", "n1"] and "n2" in calibrated_event["reason"]
+    fleet.step()  # n2 answers the calibration late (ignored), then labels the new model
+    assert fleet.agg.done
+    assert "ignoring the calibration of round 1 from n2" in caplog.text
+    final = protocol.decode_global(fleet.agg.state.global_payload(1)).model
+    np.testing.assert_allclose(
+        final.thetas, expected_thetas(fleet, first.thetas, ["n0", "n1"]), rtol=1e-6
+    )
+    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    assert relabelled["nodes"] == ["n0", "n1", "n2"]  # n2's plain statistics count
+    assert final.provenance.notes["calibrated"] == "80/2"
+
+
+def test_nodes_that_run_no_calibration_pass_still_get_federated_labels(
+    tmp_path: Path, fake_trainer, merge_fn, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, calibrate_images=40)
+    for trainer in fleet.trainers.values():
+        trainer.calibrate = None  # a node of before the calibration: plain statistics
+    fleet.step(1)
+    first = protocol.decode_global(fleet.agg.state.global_payload(1)).model
+    fleet.step()
+    assert fleet.agg.done and "calibrated" not in fleet.kinds()
+    assert "no node calibrated the thresholds" in caplog.text
+    final = protocol.decode_global(fleet.agg.state.global_payload(1)).model
+    assert protocol.global_labels(final) == protocol.LABELS_FEDERATED
+    np.testing.assert_array_equal(final.thetas, first.thetas)
+    assert "calibrate" not in final.provenance.notes
+    assert "calibrated" not in final.provenance.notes
+    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    assert relabelled["nodes"] == ["n0", "n1", "n2"]
+
+
+def test_bad_calibrations_are_rejected_and_the_round_completes(
+    tmp_path: Path, fake_trainer, merge_fn, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, calibrate_images=40)
+    fleet.step(1)
+    current = fleet.agg.state.current
+    counts, sums = np.full(10, 5, np.int64), np.ones((10, 12))
+
+    def stats(node: str, thetas, images: int = 40) -> protocol.LabelStats:
+        return protocol.LabelStats(
+            node, 1, current.model_tag, counts, sums, current.announcement.session,
+            thetas=np.asarray(thetas, np.float64), calibration_images=images,
+        )  # fmt: skip
+
+    rogue = channel(fleet.broker, "rogue")
+    rogue.send(TOPICS.labels("n5"), stats("n5", np.r_[np.ones(11), -3.0]))
+    rogue.send(TOPICS.labels("n6"), stats("n6", np.ones(12), images=0))
+    body = msgpack.unpackb(protocol.encode(stats("n7", np.ones(12))), raw=False)
+    body["body"]["thetas"] = encode_array(np.r_[np.ones(11), np.nan])
+    rogue.transport.publish(TOPICS.labels("n7"), msgpack.packb(body, use_bin_type=True))
+    body["body"]["thetas"] = encode_array(np.ones(7))  # 7 thresholds for 12 neurons
+    rogue.transport.publish(TOPICS.labels("n8"), msgpack.packb(body, use_bin_type=True))
+    fleet.step(1, nodes=[])
+    rejected = [e["reason"] for e in fleet.events if e["event"] == "rejected"]
+    assert any("calibration from n5" in r and "negative" in r for r in rejected)
+    assert any("calibration from n6: 0 calibration images" in r for r in rejected)
+    assert "NaN or inf" in caplog.text and "(7,)" in caplog.text  # refused when decoded
+    assert fleet.agg.state.label_reporters() == []
+    fleet.step()
+    assert fleet.agg.done
+    assert next(e for e in fleet.events if e["event"] == "calibrated")["nodes"] == [
+        "n0",
+        "n1",
+        "n2",
+    ]
+
+
+def test_an_aggregator_restart_mid_calibration_keeps_the_thresholds_and_the_deadline(
+    tmp_path: Path, fake_trainer, merge_fn
+) -> None:
+    fleet = Fleet(tmp_path, fake_trainer, merge_fn, calibrate_images=40)
+    fleet.step(1)
+    fleet.step(1, nodes=["n0"])
+    assert fleet.agg.state.label_reporters() == ["n0"]
+    deadline = fleet.agg.state.current.label_deadline_unix
+    fleet.agg.channel.transport.abort()
+    fleet.agg = None
+    fleet.step(1, nodes=["n1"])  # retained while no aggregator listens
+    fleet.clock.now += 60
+    fleet.agg = fleet.new_aggregator()
+    resumed = next(e for e in fleet.events if e["event"] == "resumed")
+    assert resumed["phase"] == "calibrating" and resumed["labels_from"] == ["n0"]
+    assert fleet.agg.state.current.label_deadline_unix == deadline
+    fleet.step()
+    assert fleet.agg.done
+    assert next(e for e in fleet.events if e["event"] == "calibrated")["nodes"] == [
+        "n0",
+        "n1",
+        "n2",
+    ]
+    assert all(t.calibrate_calls == [(1, 40)] for t in fleet.trainers.values())  # once each
+
+
+def test_negative_calibrate_images_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="--calibrate-images"):
+        AggregatorConfig(nodes=2, target=5, calibrate_images=-1)

@@ -291,3 +291,68 @@ def test_federated_labels_with_the_real_engine_equal_labels_from_all_the_images(
     np.testing.assert_allclose(final.class_rates, want_rates, rtol=1e-6)
     relabelled = next(e for e in h.events if e["event"] == "relabelled")
     assert relabelled["nodes"] == ["n0", "n1", "n2"] and relabelled["images"] == 300
+
+
+def test_calibrated_thresholds_with_the_real_engine_are_the_nodes_weighted_average(
+    broker_url: str, harness_for, mnist_dir: Path
+) -> None:
+    """Three nodes of unequal shards (60, 100, 140 images) train real sub-models, the real
+    merge prunes them, each node runs the thresholds-only pass over up to 80 images, and
+    the global model every node ends with has the image-weighted average of their
+    thresholds (60, 80 and 80 images), its weights unchanged, and labels from statistics
+    measured with those thresholds."""
+    from aggregator.daemon import default_merge
+    from edge_node.daemon import LocalTrainer
+    from edge_node.labels import assign_labels
+    from edge_node.workflow import spike_counts
+    from estdp import protocol
+    from estdp.backend import resolve_backend
+    from estdp.datasets import load_mnist
+    from estdp.params import BINDSNET
+
+    backend = resolve_backend("auto")
+    images, labels = load_mnist("train", mnist_dir, limit=300)
+    h = harness_for(broker_url)
+    h.merge_fn = default_merge
+    agg = h.aggregator(nodes=3, target=15, neurons_per_node=8, calibrate_images=80)
+    shards = {"n0": slice(0, 60), "n1": slice(60, 160), "n2": slice(160, 300)}
+    trainers, nodes = {}, []
+    for i, (nid, part) in enumerate(shards.items()):
+        trainers[nid] = LocalTrainer(
+            images[part], labels[part], images[:0], labels[:0], BINDSNET, backend,
+            node_id=nid, seed=10 * i,
+        )  # fmt: skip
+        cfg = NodeConfig(nid, h.fleet, state_dir=h.tmp / nid)
+        node = NodeDaemon(cfg, h.channel(nid, cfg.will()), trainers[nid])
+        h._spawn(lambda stop, node=node: node.run(poll_s=0.05), node.stop, node.channel)
+        nodes.append(node)
+    wait_for(
+        lambda: all(n.installed_round == 1 and not n.labels_provisional for n in nodes),
+        90,
+        "every node to install the calibrated, relabelled global model",
+    )
+    wait_for(lambda: agg.done, 5, "the aggregator to finish")
+    final = load_model(nodes[0].global_path)  # type: ignore[arg-type]
+    for node in nodes[1:]:
+        np.testing.assert_array_equal(load_model(node.global_path).thetas, final.thetas)  # type: ignore[arg-type]
+    updates = agg.state.load_updates()
+    merged, _ = default_merge([updates[n].model for n in sorted(updates)], 15, "mse", round_id=1)
+    np.testing.assert_array_equal(final.weights, merged.weights)
+    passes = [trainers[n].calibrate(merged, 80, 1) for n in shards]
+    assert [used for _, used in passes] == [60, 80, 80]
+    want = sum(used * thetas for thetas, used in passes) / 220
+    np.testing.assert_allclose(final.thetas, want, rtol=1e-6)
+    assert not np.allclose(final.thetas, merged.thetas)
+    assert final.provenance.notes["calibrated"] == "220/3"
+    assert protocol.global_labels(final) == protocol.LABELS_FEDERATED
+    counts = np.concatenate(
+        [
+            spike_counts(
+                final.weights, final.thetas, images[part], final.params, backend,
+                seed=10 * i + 1 + 1,  # LocalTrainer: seed + round + 1
+            )
+            for i, part in enumerate(shards.values())
+        ]
+    )  # fmt: skip
+    want_labels, _ = assign_labels(counts, labels[:300])
+    np.testing.assert_array_equal(final.labels, want_labels)

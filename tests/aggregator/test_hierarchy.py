@@ -281,3 +281,27 @@ def test_an_open_site_round_follows_the_root_to_a_newer_round(hierarchy: Hierarc
     h.step(nodes=SITES["site-a"])
     sent = protocol.decode_update(site.state.forwarded_payload())
     assert sent.round_id == 2 and sent.node_id == "site-a"
+
+
+def test_a_root_asking_for_a_calibration_labels_from_its_sites_without_one(
+    hierarchy: Hierarchy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sites relay label statistics but no thresholds: they pass the root's model down
+    without the request, so no board runs the pass, and the root (which asks, by
+    default) labels from the relayed statistics on the model as merged."""
+    h = hierarchy
+    assert h.root.config.calibrate_images > 0
+    h.step()
+    assert h.root.done
+    kinds = h.kinds("root")
+    assert "calibrating" in kinds and "calibrated" not in kinds and "relabelled" in kinds
+    assert "no node calibrated the thresholds" in caplog.text
+    assert all(t.calibrate_calls == [] for t in h.trainers.values())
+    final = load_model(tmp_path / "root" / "rounds" / "1" / "global.estdp")
+    assert protocol.global_labels(final) == protocol.LABELS_FEDERATED
+    assert "calibrate" not in final.provenance.notes
+    assert "calibrated" not in final.provenance.notes
+    for node in h.nodes.values():
+        installed = load_model(node.global_path)
+        np.testing.assert_array_equal(installed.thetas, final.thetas)
+        assert "calibrate" not in installed.provenance.notes

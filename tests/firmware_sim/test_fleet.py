@@ -86,6 +86,10 @@ def test_simulate_writes_the_report_and_its_accuracies_equal_estdp_eval(mnist_di
     assert results["labels"] == summary["labels"] == "federated"
     assert results["rounds"][0]["labels"] == "federated"
     assert results["rounds"][0]["label_images"] == 240
+    # The thresholds were re-measured first (--calibrate-images, on by default): each
+    # board's pass took all of its 120 images (fewer than asked for).
+    assert results["rounds"][0]["calibration_images"] == 240
+    assert any("re-measured its thresholds on 240 images" in n for n in results["notes"])
     compressed = next(m for m in results["models"] if m["kind"] == "compressed")
     final = load_model(compressed["path"])
     provisional = load_model(out / "models" / "round1" / "global-provisional.estdp")
@@ -93,6 +97,7 @@ def test_simulate_writes_the_report_and_its_accuracies_equal_estdp_eval(mnist_di
     assert global_labels(final) == LABELS_FEDERATED
     assert global_labels(provisional) == LABELS_PROVISIONAL
     np.testing.assert_array_equal(final.weights, provisional.weights)
+    assert final.provenance.notes["calibrated"] == "240/2"
     assert any("federated" in note for note in results["notes"])
     assert results["speedup"] > 0
     # What the command printed is what `estdp eval` says about each saved model.
@@ -174,3 +179,36 @@ def test_default_deadline_grows_with_the_slowest_board():
     slow = FleetConfig(run_dir=Path("x"), devices=(DEVICES["host"],) * 4 + (DEVICES["nano"],))
     assert default_deadline(slow, 6000) > 10 * default_deadline(base, 6000) / 2
     assert default_deadline(base, 6000) >= 30
+
+
+def test_the_calibration_reaches_the_root_aggregator_and_lengthens_the_label_deadline():
+    from aggregator.calibration import DEFAULT_IMAGES
+
+    host = (DEVICES["host"],) * 4
+    config = FleetConfig(run_dir=Path("x"), nodes=4, devices=host, deadline_s=600.0)
+    fleet = Fleet(config)
+    fleet._label_deadline_s = default_label_deadline(config, 6000)
+    argv = fleet.aggregator_argv()
+    assert argv[argv.index("--calibrate-images") + 1] == str(DEFAULT_IMAGES)
+    off = FleetConfig(
+        run_dir=Path("x"), nodes=4, devices=host, calibrate_images=0, deadline_s=600.0
+    )
+    fleet = Fleet(off)
+    fleet._label_deadline_s = default_label_deadline(off, 6000)
+    argv = fleet.aggregator_argv()
+    assert argv[argv.index("--calibrate-images") + 1] == "0"
+    # The pass costs like training: the boards get longer to answer (slow boards, to get
+    # above the 120 s floor).
+    nano = (DEVICES["nano"],) * 4
+    slow_on = FleetConfig(run_dir=Path("x"), nodes=4, devices=nano, calibrate_images=3000)
+    slow_off = FleetConfig(run_dir=Path("x"), nodes=4, devices=nano, calibrate_images=0)
+    assert default_label_deadline(slow_on, 6000) > default_label_deadline(slow_off, 6000)
+    # Sites relay no thresholds: a hierarchy's root does not ask for them.
+    sites = FleetConfig(run_dir=Path("x"), nodes=4, devices=host, sites=2, deadline_s=600.0)
+    fleet = Fleet(sites)
+    fleet._label_deadline_s = default_label_deadline(sites, 6000)
+    fleet._deadline_s = 600.0
+    argv = fleet.aggregator_argv()
+    assert argv[argv.index("--calibrate-images") + 1] == "0"
+    with pytest.raises(ConfigError, match="--calibrate-images"):
+        FleetConfig(run_dir=Path("x"), calibrate_images=-1)

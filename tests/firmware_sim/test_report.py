@@ -87,6 +87,7 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
                 "labels": "federated",
                 "label_nodes": 2,
                 "label_images": 600,
+                "calibration_images": 300,
             },
         ],
         "baseline_accuracy": 0.8887,
@@ -122,7 +123,10 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "# test run" in md and "4.20x" in md and "| 200 | 88.00% | 85.00% |" in md
     assert "![per_node](per_node.png)" in md
-    assert "| 2 | 2/2 | 20.0 ms | federated (2 nodes, 600 images) | 85.00% |" in md
+    assert (
+        "| 2 | 2/2 | 20.0 ms | federated (2 nodes, 600 images; thresholds calibrated on 300) "
+        "| 85.00% |"
+    ) in md
     assert not list((tmp_path / "rep").glob("*.tmp"))
 
 
