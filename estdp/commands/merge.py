@@ -3,18 +3,23 @@
 Prints the seconds of each stage (concatenate, similarity, selection, removal; labels
 and genetic when they run) and, with ``--eval``, the test accuracy of every input and of
 the result. Validation (``ga``) and calibration images come from the training split.
+
+``--thresholds N`` runs the merged model with its weights frozen over N of those images
+before its labels are assigned, so that only the adaptive thresholds move: neurons merged
+from different sub-models compete on one footing again (docs/merge.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Any
 
 import numpy as np
 
 from aggregator.genetic import GAConfig
-from aggregator.merge import MERGE_METRICS, LabelledImages, merge
+from aggregator.merge import MERGE_METRICS, LabelledImages, calibrate_labels, merge
 from aggregator.removal import DEFAULT_RULE, RULES
 from estdp.backend import resolve_backend
 from estdp.commands._common import (
@@ -66,10 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="re-assign the merged model's labels from labelled training images",
     )
     parser.add_argument(
+        "--thresholds",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="before the labels, run the merged model frozen over N of the labelled images "
+        "so that only its adaptive thresholds adapt (default 0: off)",
+    )
+    parser.add_argument(
         "--labelled-images",
         type=positive_int,
         default=10000,
-        help="training images for --calibrate and for ga's validation (default 10000)",
+        help="training images for --calibrate, --thresholds and ga's validation (default 10000)",
     )
     parser.add_argument(
         "--labelled-offset",
@@ -110,6 +123,37 @@ def _labelled(args: argparse.Namespace) -> LabelledImages:
     return LabelledImages(images, labels, seed=args.seed)
 
 
+def _calibrate_thresholds(
+    merged: SubModel,
+    report: Any,
+    labelled: LabelledImages,
+    args: argparse.Namespace,
+    backend: Any,
+) -> tuple[SubModel, Any]:
+    """The thresholds-only pass over ``--thresholds`` images, then the labels if asked."""
+    from edge_node.workflow import calibrate_thetas
+
+    seconds = dict(report.seconds)
+    t0 = time.perf_counter()
+    images = labelled.images[: args.thresholds]
+    thetas = calibrate_thetas(merged, images, backend, seed=args.seed)
+    notes = {**merged.provenance.notes, "thresholds_calibrated": str(int(images.shape[0]))}
+    merged = dataclasses.replace(
+        merged,
+        thetas=thetas.astype(np.float32),
+        provenance=dataclasses.replace(merged.provenance, notes=notes),
+    )
+    seconds["thresholds"] = time.perf_counter() - t0
+    labels = report.labels
+    if args.calibrate:
+        t1 = time.perf_counter()
+        neuron_labels, class_rates = calibrate_labels(merged, labelled, xp=backend.xp)
+        merged = dataclasses.replace(merged, labels=neuron_labels, class_rates=class_rates)
+        seconds["labels"] = time.perf_counter() - t1
+        labels = "calibrated"
+    return merged, dataclasses.replace(report, seconds=seconds, labels=labels)
+
+
 def _accuracy(
     model: SubModel, test: tuple[np.ndarray, np.ndarray], backend: Any, seed: int
 ) -> dict[str, float]:
@@ -126,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     out = output_path(args.out)
     backend = resolve_backend(args.backend)
     models = [load_model(path) for path in args.models]
-    labelled = _labelled(args) if args.calibrate or args.metric == "ga" else None
+    needs_images = args.calibrate or args.thresholds or args.metric == "ga"
+    labelled = _labelled(args) if needs_images else None
     config = GAConfig(
         population=args.population,
         generations=args.generations,
@@ -139,12 +184,15 @@ def run(args: argparse.Namespace) -> int:
         args.target,
         args.metric,
         rule=args.rule,
-        calibration=labelled if args.calibrate else None,
+        # With --thresholds the labels come after the thresholds, below.
+        calibration=labelled if args.calibrate and not args.thresholds else None,
         validation=labelled if args.metric == "ga" else None,
         ga=config,
         xp=backend.xp,
         seed=args.seed,
     )
+    if args.thresholds:
+        merged, report = _calibrate_thresholds(merged, report, labelled, args, backend)
     total = time.perf_counter() - t0
     save_model(merged, out)
     record: dict[str, Any] = {

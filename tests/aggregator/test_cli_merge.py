@@ -110,3 +110,38 @@ def test_eval_and_calibrate_on_mnist(inputs, tmp_path, capsys, mnist_dir):
         assert 0.0 <= acc["all_activity"] <= 1.0
         assert 0.0 <= acc["proportion_weighting"] <= 1.0
     assert "labels" in record["seconds"]
+
+
+def test_thresholds_then_labels_on_mnist(inputs, tmp_path, capsys, mnist_dir):
+    from aggregator.merge import LabelledImages, calibrate_labels
+    from estdp.datasets import load_mnist
+
+    plain, tuned = tmp_path / "plain.estdp", tmp_path / "tuned.estdp"
+    common = ["--target", "30", "--labelled-images", "40", "--data", str(mnist_dir), "--json"]
+    assert main(["merge", *inputs, *common, "--out", str(plain)]) == 0
+    assert (
+        main(["merge", *inputs, *common, "--thresholds", "30", "--calibrate", "--out", str(tuned)])
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["labels"] == "calibrated"
+    assert record["seconds"]["thresholds"] > 0 and record["seconds"]["labels"] > 0
+    before, after = load_model(plain), load_model(tuned)
+    np.testing.assert_array_equal(after.weights, before.weights)
+    assert after.provenance.notes["thresholds_calibrated"] == "30"
+    assert (after.thetas >= before.thetas - 1e-3).all() and (
+        after.thetas > before.thetas + 0.04
+    ).any()
+    # The labels are those of the calibrated thresholds, on the same labelled images.
+    images, labels = load_mnist("train", str(mnist_dir), limit=40, offset=50000, download=False)
+    expected, _ = calibrate_labels(after, LabelledImages(images, labels, seed=0))
+    np.testing.assert_array_equal(after.labels, expected)
+
+
+def test_thresholds_without_labels_keeps_the_sub_models_labels(inputs, tmp_path, capsys, mnist_dir):
+    out = tmp_path / "t.estdp"
+    rc = main(["merge", *inputs, "--target", "30", "--thresholds", "20", "--labelled-images", "40",
+               "--data", str(mnist_dir), "--out", str(out), "--json"])  # fmt: skip
+    assert rc == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["labels"] == "kept" and "thresholds" in record["seconds"]
