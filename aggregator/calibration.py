@@ -37,7 +37,7 @@ from estdp.protocol import CALIBRATE_NOTE, LabelStats
 
 # Images per node of the pass, unless told otherwise (docs/merge.md, "Threshold
 # calibration": measured on 5 x 100 IID and Dirichlet 0.5, and 2 x 250).
-DEFAULT_IMAGES = 3000
+DEFAULT_IMAGES = 1500
 
 # The final model's note: "<images>/<nodes>", the calibration behind its thresholds.
 CALIBRATED_NOTE = "calibrated"
