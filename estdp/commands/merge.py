@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.calibration import CALIBRATED_NOTE
 from aggregator.genetic import GAConfig
 from aggregator.merge import MERGE_METRICS, LabelledImages, calibrate_labels, merge
 from aggregator.removal import DEFAULT_RULE, RULES
@@ -137,7 +138,8 @@ def _calibrate_thresholds(
     t0 = time.perf_counter()
     images = labelled.images[: args.thresholds]
     thetas = calibrate_thetas(merged, images, backend, seed=args.seed)
-    notes = {**merged.provenance.notes, "thresholds_calibrated": str(int(images.shape[0]))}
+    # The fleet's note, as one node of all the images: <images>/<nodes>.
+    notes = {**merged.provenance.notes, CALIBRATED_NOTE: f"{int(images.shape[0])}/1"}
     merged = dataclasses.replace(
         merged,
         thetas=thetas.astype(np.float32),

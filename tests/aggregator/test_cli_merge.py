@@ -128,7 +128,7 @@ def test_thresholds_then_labels_on_mnist(inputs, tmp_path, capsys, mnist_dir):
     assert record["seconds"]["thresholds"] > 0 and record["seconds"]["labels"] > 0
     before, after = load_model(plain), load_model(tuned)
     np.testing.assert_array_equal(after.weights, before.weights)
-    assert after.provenance.notes["thresholds_calibrated"] == "30"
+    assert after.provenance.notes["calibrated"] == "30/1"
     assert (after.thetas >= before.thetas - 1e-3).all() and (
         after.thetas > before.thetas + 0.04
     ).any()
