@@ -807,9 +807,15 @@ class Fleet:
         if labels == "provisional":
             if event.get("path"):
                 self.outcome.provisional[number] = Path(event["path"])
+            calibrate = int(event.get("calibrate", 0))
+            phase = (
+                f"thresholds-only pass on the nodes ({calibrate} images each)"
+                if calibrate
+                else "labelling"
+            )
             self._note(
                 f"round {number}: global model of {rnd.global_neurons} neurons from "
-                f"{len(rnd.nodes_in_global)} nodes; labelling"
+                f"{len(rnd.nodes_in_global)} nodes; {phase}"
             )
             return
         self.outcome.global_metrics[number] = metrics

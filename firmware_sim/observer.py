@@ -76,6 +76,7 @@ def to_event(message: protocol.Message, models_dir: Path | None) -> dict[str, An
             "contains": list(message.contains),
             "metrics": dict(message.metrics),
             "labels": labels,
+            "calibrate": protocol.requested_calibration(message.model),
             "path": str(path) if path else None,
         }
     if isinstance(message, protocol.NodeStatus):

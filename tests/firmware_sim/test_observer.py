@@ -84,3 +84,15 @@ def test_observer_turns_messages_into_events_and_saves_models(broker_url, tmp_pa
     saved = load_model(model_path(tmp_path, 7, "node-1"))
     assert np.array_equal(saved.weights, sub.weights)
     assert load_model(model_path(tmp_path, 7, "global")).n_neurons == 4
+
+
+@pytest.mark.parametrize(("notes", "calibrate"), [({}, 0), ({"calibrate": "1500"}, 1500)])
+def test_a_provisional_global_event_says_whether_it_asks_for_calibration(
+    tmp_path, notes, calibrate
+):
+    from aggregator.federated_labels import with_labels_note
+    from firmware_sim.observer import to_event
+
+    provisional = with_labels_note(_model("aggregator"), protocol.LABELS_PROVISIONAL, notes)
+    event = to_event(protocol.GlobalModel(1, provisional, ("node-1",)), tmp_path)
+    assert event["labels"] == "provisional" and event["calibrate"] == calibrate
