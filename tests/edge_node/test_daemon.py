@@ -302,23 +302,29 @@ def test_a_provisional_global_gets_label_stats_then_the_final_replaces_it(
     assert load_model(tmp_path / "n1" / "global.estdp").labels.tolist() == [3] * 8
 
 
-def test_a_calibration_request_sends_the_thresholds_and_stats_measured_under_them(
-    agg_side, tmp_path: Path
-) -> None:
+def _label_stats_for(agg_side, tmp_path: Path, notes: dict[str, str]):
+    """A node past round 1's announcement gets a provisional global model with ``notes``;
+    returns its trainer, its events and the LabelStats it answered with."""
     broker, agg = agg_side
     trainer = Trainer()
     node, events = make_node(broker, tmp_path, trainer)
     announce(agg, 1)
     node.step(0)
     received(agg)
-    provisional = with_labels_note(
-        model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL, {protocol.CALIBRATE_NOTE: "100"}
-    )
+    provisional = with_labels_note(model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL, notes)
     agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
     node.step(0)
     (stats,) = [m for m in received(agg) if isinstance(m, protocol.LabelStats)]
+    assert stats.model_tag == parent_tag(provisional)
+    return trainer, events, stats
+
+
+def test_a_calibration_request_sends_the_thresholds_and_stats_measured_under_them(
+    agg_side, tmp_path: Path
+) -> None:
+    trainer, events, stats = _label_stats_for(agg_side, tmp_path, {protocol.CALIBRATE_NOTE: "100"})
     assert trainer.calibrate_calls == [(100, 1)]
-    assert stats.calibration_images == 40 and stats.model_tag == parent_tag(provisional)
+    assert stats.calibration_images == 40
     np.testing.assert_array_equal(stats.thetas, np.full(8, 2.5))
     np.testing.assert_array_equal(trainer.measured_thetas, np.full(8, 2.5, np.float32))
     # What the node installed is the aggregator's model, not its own thresholds.
@@ -330,16 +336,7 @@ def test_a_calibration_request_sends_the_thresholds_and_stats_measured_under_the
 def test_without_a_calibration_request_the_thresholds_stay_off_the_wire(
     agg_side, tmp_path: Path
 ) -> None:
-    broker, agg = agg_side
-    trainer = Trainer()
-    node, _ = make_node(broker, tmp_path, trainer)
-    announce(agg, 1)
-    node.step(0)
-    received(agg)
-    provisional = noted(model(8, 0.2, "aggregator"), protocol.LABELS_PROVISIONAL)
-    agg.send(TOPICS.global_model, GlobalModel(1, provisional, ("n1",)), retain=True)
-    node.step(0)
-    (stats,) = [m for m in received(agg) if isinstance(m, protocol.LabelStats)]
+    trainer, _, stats = _label_stats_for(agg_side, tmp_path, {})
     assert stats.thetas is None and stats.calibration_images == 0
     assert not hasattr(trainer, "calibrate_calls")
 
