@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -210,39 +211,24 @@ class AggregatorState:
         has one (the first one counts)."""
         if self.current is None:
             raise ConfigError("no round is open")
-        if not is_valid_id(node_id):
-            raise ConfigError(f"invalid node id {node_id!r}")
-        path = self._updates_dir(self.current.round_id) / f"{node_id}.msg"
-        if path.exists():
-            return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, payload)
-        return True
+        return _store_once(self._updates_dir(self.current.round_id), node_id, payload)
 
     def received(self) -> list[str]:
         """Node ids with an update stored for the current round, sorted."""
         if self.current is None:
             return []
-        directory = self._updates_dir(self.current.round_id)
-        if not directory.is_dir():
-            return []
-        return sorted(p.stem for p in directory.glob("*.msg") if is_valid_id(p.stem))
+        return _stored_ids(self._updates_dir(self.current.round_id))
 
     def load_updates(self) -> dict[str, SubModelUpdate]:
         """The stored updates of the current round, decoded again; a damaged file is
         logged and left out."""
-        out: dict[str, SubModelUpdate] = {}
         if self.current is None:
-            return out
-        for node_id in self.received():
-            path = self._updates_dir(self.current.round_id) / f"{node_id}.msg"
-            try:
-                update = protocol.decode_update(path.read_bytes(), self.limits)
-            except (OSError, ProtocolError) as exc:
-                log.error("skipping the stored update %s: %s", path, exc)
-                continue
-            out[node_id] = update
-        return out
+            return {}
+        return _load_stored(
+            self._updates_dir(self.current.round_id),
+            lambda data: protocol.decode_update(data, self.limits),
+            "update",
+        )
 
     def mark_merged(
         self, global_payload: bytes, model: SubModel, contains: tuple[str, ...]
@@ -293,41 +279,26 @@ class AggregatorState:
         count)."""
         if self.current is None:
             raise ConfigError("no round is open")
-        if not is_valid_id(node_id):
-            raise ConfigError(f"invalid node id {node_id!r}")
-        path = self._labels_dir(self.current.round_id, self.current.phase) / f"{node_id}.msg"
-        if path.exists():
-            return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, payload)
-        return True
+        directory = self._labels_dir(self.current.round_id, self.current.phase)
+        return _store_once(directory, node_id, payload)
 
     def label_reporters(self) -> list[str]:
         """Node ids with label statistics stored for the current round (its current
         phase, calibrating or labelling), sorted."""
         if self.current is None:
             return []
-        directory = self._labels_dir(self.current.round_id, self.current.phase)
-        if not directory.is_dir():
-            return []
-        return sorted(p.stem for p in directory.glob("*.msg") if is_valid_id(p.stem))
+        return _stored_ids(self._labels_dir(self.current.round_id, self.current.phase))
 
     def load_label_stats(self) -> dict[str, LabelStats]:
         """The stored label statistics of the current round (its current phase), decoded
         again; a damaged file is logged and left out."""
-        out: dict[str, LabelStats] = {}
         if self.current is None:
-            return out
-        directory = self._labels_dir(self.current.round_id, self.current.phase)
-        for node_id in self.label_reporters():
-            path = directory / f"{node_id}.msg"
-            try:
-                stats = protocol.decode_labels(path.read_bytes(), self.limits)
-            except (OSError, ProtocolError) as exc:
-                log.error("skipping the stored label statistics %s: %s", path, exc)
-                continue
-            out[node_id] = stats
-        return out
+            return {}
+        return _load_stored(
+            self._labels_dir(self.current.round_id, self.current.phase),
+            lambda data: protocol.decode_labels(data, self.limits),
+            "label statistics",
+        )
 
     def mark_labels_relayed(self, payload: bytes) -> None:
         """Record the label statistics a site sent upstream for the current round (empty:
@@ -393,3 +364,39 @@ class AggregatorState:
         if cur is not None and cur.phase in ("calibrating", "labelling"):
             out["labels_from"] = self.label_reporters()
         return out
+
+
+# ---- per-node messages of a round: one file each, the first one counts -------------------
+
+
+def _store_once(directory: Path, node_id: str, payload: bytes) -> bool:
+    """Write ``payload`` as ``node_id``'s message in ``directory`` (atomically); False,
+    and nothing written, when that node has one there already."""
+    if not is_valid_id(node_id):
+        raise ConfigError(f"invalid node id {node_id!r}")
+    path = directory / f"{node_id}.msg"
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, payload)
+    return True
+
+
+def _stored_ids(directory: Path) -> list[str]:
+    """Node ids with a message stored in ``directory``, sorted."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.stem for p in directory.glob("*.msg") if is_valid_id(p.stem))
+
+
+def _load_stored(directory: Path, decode: Callable[[bytes], Any], what: str) -> dict[str, Any]:
+    """The messages stored in ``directory`` by node id, decoded again; a damaged file is
+    logged and left out."""
+    out: dict[str, Any] = {}
+    for node_id in _stored_ids(directory):
+        path = directory / f"{node_id}.msg"
+        try:
+            out[node_id] = decode(path.read_bytes())
+        except (OSError, ProtocolError) as exc:
+            log.error("skipping the stored %s %s: %s", what, path, exc)
+    return out
