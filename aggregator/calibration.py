@@ -25,14 +25,13 @@ Pure functions; the daemon (``aggregator.daemon``) collects the answers and publ
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
 
 from estdp.errors import MergeError
-from estdp.model import SubModel, validate_model
+from estdp.model import SubModel, validate_model, with_notes
 from estdp.protocol import CALIBRATE_NOTE, LabelStats
 
 # Images per node of the pass, unless told otherwise (docs/merge.md, "Threshold
@@ -56,8 +55,7 @@ def requested(model: SubModel, images: int) -> SubModel:
     of its images (the model must be published provisional for the nodes to answer)."""
     if images < 1:
         raise ValueError(f"calibration images must be >= 1, got {images}")
-    notes = {**model.provenance.notes, CALIBRATE_NOTE: str(int(images))}
-    return dataclasses.replace(model, provenance=dataclasses.replace(model.provenance, notes=notes))
+    return with_notes(model, {**model.provenance.notes, CALIBRATE_NOTE: str(int(images))})
 
 
 def without_request(model: SubModel) -> SubModel:
@@ -65,7 +63,7 @@ def without_request(model: SubModel) -> SubModel:
     if CALIBRATE_NOTE not in model.provenance.notes:
         return model
     notes = {k: v for k, v in model.provenance.notes.items() if k != CALIBRATE_NOTE}
-    return dataclasses.replace(model, provenance=dataclasses.replace(model.provenance, notes=notes))
+    return with_notes(model, notes)
 
 
 def problem(stats: LabelStats, n_neurons: int) -> str:
@@ -127,11 +125,7 @@ def calibrated(model: SubModel, averaged: AveragedThetas) -> SubModel:
         )
     notes = {**without_request(model).provenance.notes}
     notes[CALIBRATED_NOTE] = f"{averaged.images}/{len(averaged.nodes)}"
-    out = dataclasses.replace(
-        model,
-        thetas=averaged.thetas.astype(model.thetas.dtype),
-        provenance=dataclasses.replace(model.provenance, notes=notes),
-    )
+    out = with_notes(model, notes, thetas=averaged.thetas.astype(model.thetas.dtype))
     validate_model(out, error=MergeError)
     return out
 

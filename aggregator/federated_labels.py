@@ -32,7 +32,7 @@ import numpy as np
 from edge_node.labels import labels_from_sums
 from estdp.errors import MergeError
 from estdp.lineage import CLASS_COUNTS_NOTE, format_class_counts
-from estdp.model import SubModel, validate_model
+from estdp.model import SubModel, validate_model, with_notes
 from estdp.protocol import LABEL_STATES, LABELS_FEDERATED, LABELS_NOTE
 
 
@@ -101,7 +101,7 @@ def with_labels_note(model: SubModel, state: str, extra: dict[str, str] | None =
     if state not in LABEL_STATES:
         raise ValueError(f"labels state must be one of {', '.join(LABEL_STATES)}, got {state!r}")
     notes = {**model.provenance.notes, **(extra or {}), LABELS_NOTE: state}
-    return dataclasses.replace(model, provenance=dataclasses.replace(model.provenance, notes=notes))
+    return with_notes(model, notes)
 
 
 def relabel(model: SubModel, pooled: PooledLabels) -> SubModel:

@@ -38,6 +38,7 @@ File form (:func:`save_model` / :func:`load_model`, written atomically)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -126,6 +127,13 @@ class SubModel:
     @property
     def n_classes(self) -> int:
         return int(self.class_rates.shape[0])
+
+
+def with_notes(model: SubModel, notes: Mapping[str, str], **changes: Any) -> SubModel:
+    """``model`` with its provenance notes replaced by ``notes`` (and the other fields in
+    ``changes`` replaced too, e.g. ``thetas``); not validated again."""
+    provenance = dataclasses.replace(model.provenance, notes=dict(notes))
+    return dataclasses.replace(model, provenance=provenance, **changes)
 
 
 # ---------------------------------------------------------------------------------------

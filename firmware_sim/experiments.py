@@ -36,7 +36,7 @@ from edge_node.workflow import train_model
 from estdp.backend import resolve_backend
 from estdp.datasets import load_mnist
 from estdp.errors import ConfigError
-from estdp.model import SubModel, load_model, save_model
+from estdp.model import SubModel, load_model, save_model, with_notes
 from estdp.params import load_params
 from firmware_sim import evaluation, report
 from firmware_sim.display import Display
@@ -127,9 +127,7 @@ class Context:
             node_id=f"single-{neurons}",
         )
         notes = {**run.model.provenance.notes, "train_seconds": f"{run.train_seconds:.3f}"}
-        model = dataclasses.replace(
-            run.model, provenance=dataclasses.replace(run.model.provenance, notes=notes)
-        )
+        model = with_notes(run.model, notes)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(model, path)
         return model, run.train_seconds

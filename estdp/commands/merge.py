@@ -31,7 +31,7 @@ from estdp.commands._common import (
     output_path,
     positive_int,
 )
-from estdp.model import SubModel, load_model, save_model
+from estdp.model import SubModel, load_model, save_model, with_notes
 
 NAME = "merge"
 HELP = "merge sub-models into one model of a target size (similarity pruning or genetic search)"
@@ -140,11 +140,7 @@ def _calibrate_thresholds(
     thetas = calibrate_thetas(merged, images, backend, seed=args.seed)
     # The fleet's note, as one node of all the images: <images>/<nodes>.
     notes = {**merged.provenance.notes, CALIBRATED_NOTE: f"{int(images.shape[0])}/1"}
-    merged = dataclasses.replace(
-        merged,
-        thetas=thetas.astype(np.float32),
-        provenance=dataclasses.replace(merged.provenance, notes=notes),
-    )
+    merged = with_notes(merged, notes, thetas=thetas.astype(np.float32))
     seconds["thresholds"] = time.perf_counter() - t0
     labels = report.labels
     if args.calibrate:
