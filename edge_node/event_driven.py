@@ -98,8 +98,7 @@ class Tables(NamedTuple):
     block_start_rth: np.ndarray  # (nb,) rth at block starts
     block_end_rth: np.ndarray  # (nb,) rth at block ends
     block_cdneg: np.ndarray  # (nb,) cdneg at block starts
-    tri: np.ndarray  # (MAX_WINDOW+1,)*2 lower-triangular ones, diagonal included
-    tri_strict: np.ndarray  # (MAX_WINDOW+1,)*2 strictly lower-triangular ones
+    tri: np.ndarray  # (CHUNK, CHUNK) lower-triangular ones, diagonal included
 
 
 def tables(params: NetworkParams) -> Tables:
@@ -116,7 +115,6 @@ def tables(params: NetworkParams) -> Tables:
     blocks[rows // BLOCK, rows] = dneg[:steps]
     starts = np.arange(n_blocks) * BLOCK
     ends = np.minimum(starts + BLOCK - 1, steps - 1)
-    size = MAX_WINDOW + 2
     return Tables(
         steps=steps,
         c=c,
@@ -133,8 +131,7 @@ def tables(params: NetworkParams) -> Tables:
         block_start_rth=rth[starts],
         block_end_rth=rth[ends],
         block_cdneg=c * dneg[starts],
-        tri=np.tril(np.ones((size, size))),
-        tri_strict=np.tril(np.ones((size, size)), -1),
+        tri=np.tril(np.ones((CHUNK, CHUNK))),
     )
 
 
