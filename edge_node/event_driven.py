@@ -79,6 +79,14 @@ CHUNK = 32  # rows of exact potentials computed at once for candidates
 _SAFETY = 1e-3  # relative slack on float32 bounds: > (T + blocks + K) * 2**-24, with room
 _MARGIN = 1e-6  # absolute slack (scaled mV) on bounds against float64 rounding
 
+# The ufunc methods themselves: the ndarray methods and np.cumsum wrap them in Python,
+# which costs more than the work on arrays of a few hundred elements, called ~1,000
+# times per image.
+_accumulate = np.add.accumulate
+_add = np.add.reduce
+_max = np.maximum.reduce
+_min = np.minimum.reduce
+
 
 class Tables(NamedTuple):
     """Per-parameter-set constants of the event-driven path (see :func:`tables`)."""
@@ -337,7 +345,7 @@ def present(
     x_max = np.zeros(k)  # max_{s < x_upto} lam^-s S[s]; x_in after t is lam^t x_max
     x_upto = 0
     # M at block ends, an upper bound of M over each block (float32 plus slack).
-    z_blocks = np.cumsum(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
+    z_blocks = _accumulate(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
     m_blocks = (z_blocks @ weights32[active]).astype(np.float64) * (1.0 + _SAFETY)
 
     theta_p = np.array(thetas, dtype=np.float64)  # theta[t] = theta' g^(t+1)
@@ -346,7 +354,6 @@ def present(
     pending: dict[int, tuple[int, float]] = {}  # reset, not dirty: neuron -> (gate, U)
     dirty = _Dirty(k)
     hinc = np.zeros(steps + 3)  # scaled inhibition landing at each step
-    landing: dict[int, float] = {}  # the entries of hinc at steps >= a
     h_before = 0.0  # H[a-1]
     w_min, w_max = params.w_min, params.w_max
     refrac = params.refrac
@@ -364,8 +371,8 @@ def present(
         b0, b1 = a // BLOCK, end // BLOCK
         if not bounds.can_cross(b0, b1, h_at_a):
             cand = no_cand
-        elif a < CHUNK:
-            cand = everyone  # early on most neurons are candidates: skip the selection
+        elif a < CHUNK and not h_at_a:
+            cand = everyone  # before the first spike most neurons are: skip the selection
         else:
             cand = bounds.candidates(b0, b1, h_at_a)
         nd = len(dirty.index)
@@ -374,29 +381,34 @@ def present(
         elif not nd:
             if not pending and bounds.best_after[b0] < h_at_a - _MARGIN:
                 break  # nothing can cross for the rest of the presentation
-            h_before += _landed(landing, end)
+            h_before += float(_add(hinc[a : end + 1]))
             a = end + 1
             window = min(2 * window, MAX_WINDOW)
             continue
         rows = end - a + 1
+        # hw[i] = H[a + i]: a neuron integrating at a + i crosses when lead[i] >= hw[i].
+        hw = _accumulate(hinc[a : end + 1])
+        hw += h_before
         dneg_w = tab.dneg[a : end + 1]
+        rth_w = tab.rth[a : end + 1]
         cd_w = tab.cdneg[a : end + 1]
-        hinc_w = hinc[a : end + 1]  # a view: inhibition added below shows up in it
         if cand.size:
-            # Exact scaled potentials and thresholds of the candidates, (rows, n_cand).
+            # lead = U + H - threshold of the candidates, exact, (rows, n_cand); their
+            # inputs do not change in this window (a crossing of theirs ends it).
             if cand is everyone:
-                u_c = inputs.m_rows(a, end) + off
-                th_c = np.multiply.outer(tab.rth[a : end + 1], theta_p)
+                lead_c = inputs.m_rows(a, end) + off
+                lead_c -= np.multiply.outer(rth_w, theta_p)
             else:
-                u_c = inputs.m_rows(a, end)[:, cand] + off[cand]
-                th_c = np.multiply.outer(tab.rth[a : end + 1], theta_p[cand])
-            u_c -= (h_before + np.cumsum(hinc[a : end + 1]))[:, None]
-            th_c += tab.cdneg[a : end + 1, None]
+                lead_c = inputs.m_rows(a, end)[:, cand]
+                lead_c += off[cand]
+                lead_c -= np.multiply.outer(rth_w, theta_p[cand])
+            lead_c -= cd_w[:, None]
+            best = best_c = _max(lead_c, axis=1)
         if nd:
             s_win = shifted[a : end + 1]
             s_dep = s_dep_all[a : end + 1]
             lowest = dirty.anchor - np.multiply.outer(dirty.rate, dep_all[end])
-            if lowest.min() >= w_min:
+            if _min(lowest, axis=None) >= w_min:
                 # No weight reaches w_min in the window, so the clip is idle and the
                 # input is linear in the depression: S.anchor - rate * S.D.
                 current = dirty.anchor @ s_win.T
@@ -406,45 +418,51 @@ def present(
                 np.subtract(dirty.anchor[:, None, :], w_now, out=w_now)
                 np.maximum(w_now, w_min, out=w_now)
                 current = np.matmul(w_now[:, :, None, :], s_win[:, :, None])[:, :, 0, 0]
-            drive = current * tab.dneg[a : end + 1]  # scaled input, gated
-            drive -= hinc[a : end + 1]
-            for row in range(nd):
-                if dirty.gate[row] > a:
-                    drive[row, : dirty.gate[row] - a] = 0.0
-            u_d = np.cumsum(drive, axis=1)
-            u_d += dirty.u[:, None]
-            th_d = np.multiply.outer(dirty.theta, tab.rth[a : end + 1])
-            th_d += tab.cdneg[a : end + 1]
+            drive = current * dneg_w  # scaled input of each step, ungated
+            # lead = U + H - threshold of the dirty neurons, -inf while gated: a row
+            # gated until q integrates from its reset value U[q - 1] and H[q - 1].
+            lead_d = _accumulate(drive, axis=1)
+            for row, gate in enumerate(dirty.gate):
+                if gate > a:
+                    q = gate - a
+                    if q < rows:
+                        lead_d[row, q:] += (hw[q - 1] - h_before) - lead_d[row, q - 1]
+                    lead_d[row, :q] = -np.inf
+            lead_d += (dirty.u + h_before)[:, None]
+            lead_d -= np.multiply.outer(dirty.theta, rth_w)
+            lead_d -= cd_w
+            best_d = _max(lead_d, axis=0)
+            best = np.maximum(best_c, best_d) if cand.size else best_d
 
         # Events inside the window, in time order.
         pos = 0
         stop = rows
-        new_dirty: list[tuple[int, np.ndarray, float]] = []
+        new_dirty: list[tuple[int, np.ndarray | None, float]] = []
         while pos < stop:
-            first = stop
-            if cand.size:
-                hits = (u_c[pos:stop] >= th_c[pos:stop]).any(axis=1)
-                i = int(hits.argmax())
-                if hits[i]:
-                    first = pos + i
-            if nd:
-                last = min(first + 1, stop)  # a candidate's crossing may tie with a dirty one
-                hits = (u_d[:, pos:last] >= th_d[:, pos:last]).any(axis=0)
-                i = int(hits.argmax())
-                if hits[i]:
-                    first = pos + i
-            if first == stop:
+            hits = best[pos:stop] >= hw[pos:stop]
+            i = int(hits.argmax())
+            if not hits[i]:
                 break
+            first = pos + i
             t = a + first
-            above_c = cand[u_c[first] >= th_c[first]].tolist() if cand.size else []
-            above_d = [row for row in range(nd) if u_d[row, first] >= th_d[row, first]]
+            h_first = hw[first]
+            above_c = (
+                cand[lead_c[first] >= h_first].tolist()
+                if cand.size and best_c[first] >= h_first
+                else []
+            )
+            above_d = (
+                (lead_d[:, first] >= h_first).nonzero()[0].tolist()
+                if nd and best_d[first] >= h_first
+                else []
+            )
             ids = above_c + [dirty.index[row] for row in above_d]
             if len(ids) > 1:
                 ids.sort()
             if not params.one_spike or len(ids) == 1:
                 winners = ids
             else:
-                winners = [pick_winner(np.array(ids), presentation.choices[t])]
+                winners = [pick_winner(ids, presentation.choices[t])]
             increment = params.theta_plus * tab.ginv[t]
             for j in ids:
                 theta_p[j] += increment
@@ -454,7 +472,7 @@ def present(
             # trace is now 1), potentiation by the input traces, one clip.
             if x_upto <= t:
                 recent = shifted[x_upto + 1 : t + 2] * tab.laminv[x_upto : t + 1, None]
-                np.maximum(x_max, recent.max(axis=0), out=x_max)
+                np.maximum(x_max, _max(recent, axis=0), out=x_max)
                 x_upto = t + 1
             change = x_max * (params.nu_post * tab.lampow[t])
             change -= shifted[t + 1] * params.nu_pre
@@ -462,35 +480,6 @@ def present(
             for j in winners:
                 counts[j] += 1
             tail = first + 1
-            for row in above_d:
-                j = dirty.index[row]
-                dirty.theta[row] += increment
-                dirty.gate[row] = gate
-                if j in winners:
-                    w_new = dep_all[t] * -dirty.rate[row]
-                    w_new += dirty.anchor[row]
-                    np.maximum(w_new, w_min, out=w_new)  # weights after step t-1
-                    w_new += change
-                    np.maximum(w_new, w_min, out=w_new)
-                    np.minimum(w_new, w_max, out=w_new)
-                    # From step t + 1 its weights are w_new - rate (D[s] - D[t + 1]).
-                    anchor = dep_all[t + 1] * rate
-                    anchor += w_new
-                    dirty.anchor[row] = anchor
-                    dirty.rate[row] = rate
-                    if tail < stop:  # its input for the rest of the window
-                        if (anchor - rate * dep_all[end]).min() >= w_min:  # no clip: linear
-                            cur = s_win[tail:] @ anchor
-                            cur -= rate * s_dep[tail:]
-                        else:
-                            w_row = dep_all[t + 1 : end + 1] * -rate
-                            w_row += anchor
-                            np.maximum(w_row, w_min, out=w_row)
-                            cur = np.einsum("tk,tk->t", w_row, s_win[tail:])
-                        np.multiply(cur, dneg_w[tail:], out=drive[row, tail:])
-                        drive[row, tail:] -= hinc_w[tail:]
-                drive[row, tail : gate - a] = 0.0
-                u_d[row, first] = reset_u
             for j in above_c:
                 w_new = None
                 if j in winners:
@@ -504,39 +493,83 @@ def present(
             if above_c:
                 bounds.drop(above_c)
                 stop = tail  # the window ends here; the next one starts from t + 1
+            # Inhibition lands at t + 2 on every neuron integrating then, through H; a
+            # dirty neuron gated past t + 2 integrates from H[gate - 1], which it raises.
+            leads_changed = bool(above_d)
             if t + 2 < steps:
                 inh = tab.hstep[t + 2] * len(winners)
-                landing[t + 2] = landing.get(t + 2, 0.0) + inh
                 hinc[t + 2] += inh
                 if first + 2 < stop:
-                    if cand.size:
-                        u_c[first + 2 :] -= inh
-                    if nd:
-                        for row in range(nd):
-                            if dirty.gate[row] <= t + 2:
-                                drive[row, first + 2] -= inh
-            if nd and tail < stop:
-                np.cumsum(drive[:, tail:], axis=1, out=u_d[:, tail:])
-                u_d[:, tail:] += u_d[:, first, None]
-                for row in above_d:
-                    np.multiply(tab.rth[a : end + 1], dirty.theta[row], out=th_d[row])
-                    th_d[row] += cd_w
+                    hw[first + 2 : stop] += inh
+                    for row, g in enumerate(dirty.gate):
+                        if g > t + 2 and g - a < stop:
+                            lead_d[row, g - a : stop] += inh
+                            leads_changed = True
+            for row in above_d:
+                j = dirty.index[row]
+                dirty.theta[row] += increment
+                dirty.gate[row] = gate
+                q = gate - a
+                if j in winners:
+                    w_new = dep_all[t] * -dirty.rate[row]
+                    w_new += dirty.anchor[row]
+                    np.maximum(w_new, w_min, out=w_new)  # weights after step t-1
+                    w_new += change
+                    np.maximum(w_new, w_min, out=w_new)
+                    np.minimum(w_new, w_max, out=w_new)
+                    # From step t + 1 its weights are w_new - rate (D[s] - D[t + 1]).
+                    anchor = dep_all[t + 1] * rate
+                    anchor += w_new
+                    dirty.anchor[row] = anchor
+                    dirty.rate[row] = rate
+                    if q < stop:  # its input once the gate opens, to the window's end
+                        last = a + stop - 1
+                        if _min(anchor - rate * dep_all[last]) >= w_min:  # no clip: linear
+                            cur = s_win[q:stop] @ anchor
+                            cur -= rate * s_dep[q:stop]
+                        else:
+                            w_row = dep_all[gate : last + 1] * -rate
+                            w_row += anchor
+                            np.maximum(w_row, w_min, out=w_row)
+                            cur = np.einsum("tk,tk->t", w_row, s_win[q:stop])
+                        np.multiply(cur, dneg_w[q:stop], out=drive[row, q:stop])
+                if tail < stop:
+                    lead_row = lead_d[row]
+                    if q < stop:
+                        lead = _accumulate(drive[row, q:stop])
+                        lead += reset_u + hw[q - 1]
+                        lead -= rth_w[q:stop] * dirty.theta[row]
+                        lead -= cd_w[q:stop]
+                        lead_row[q:stop] = lead
+                    lead_row[tail : min(q, stop)] = -np.inf
+            if leads_changed and tail < stop:
+                np.maximum.reduce(lead_d[:, tail:stop], axis=0, out=best_d[tail:stop])
+                if cand.size:
+                    np.maximum(best_c[tail:stop], best_d[tail:stop], out=best[tail:stop])
             pos = tail
 
         # Carry the state over to step a + stop.
+        last = stop - 1
         if nd:
-            dirty.u[:] = u_d[:, stop - 1]
+            te = a + last
+            u_end = lead_d[:, last] - hw[last]
+            u_end += dirty.theta * tab.rth[te]
+            u_end += tab.cdneg[te]
+            for row, g in enumerate(dirty.gate):
+                if g > te:  # still refractory: its reset value
+                    u_end[row] = tab.dneg[g - refrac - 1] * tab.u_reset
+            dirty.u[:] = u_end
         for j, w_new, rate in new_dirty:
             if w_new is not None:
                 dirty.add(
                     j,
                     w_new + rate * dep_all[a + stop],
                     rate,
-                    tab.dneg[a + stop - 1] * tab.u_reset,
+                    tab.dneg[a + last] * tab.u_reset,
                     theta_p[j],
                     a + stop + refrac,
                 )
-        h_before += _landed(landing, a + stop - 1)
+        h_before = float(hw[last])
         window = WINDOW if stop < rows or pos > 0 else min(2 * window, MAX_WINDOW)
         a += stop
 
@@ -548,14 +581,6 @@ def present(
         weights[np.ix_(active, cols)] = final
         weights32[np.ix_(active, cols)] = final
     return theta_p * tab.g_total, counts, np.array(dirty.index, dtype=np.int64)
-
-
-def _landed(landing: dict[int, float], upto: int) -> float:
-    """Remove and sum the inhibition that lands at steps <= ``upto``."""
-    total = 0.0
-    for step in [s for s in landing if s <= upto]:
-        total += landing.pop(step)
-    return total
 
 
 def _open_gates(
