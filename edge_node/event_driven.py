@@ -197,44 +197,45 @@ class _Dirty:
 class _Bounds:
     """Block bounds of the neurons whose columns are unchanged (see module docstring).
 
-    ``lead[j, b]`` bounds ``U_j[t] - Th_j[t] + H[t]`` over block ``b``; neuron j can
-    cross in block ``b`` only if ``lead[j, b] >= H`` at the start of the range looked at.
-    ``-inf`` marks a dirty neuron, or a reset one whose offset is not known yet.
+    ``lead[b, j]`` bounds ``U_j[t] - Th_j[t] + H[t]`` over block ``b``; neuron j can
+    cross in block ``b`` only if ``lead[b, j] >= H`` at the start of the range looked at.
+    ``-inf`` marks a dirty neuron, or a reset one whose offset is not known yet. Blocks
+    are rows, so that every reduction runs along contiguous memory.
     """
 
     def __init__(self, m_blocks: np.ndarray, theta_p: np.ndarray, tab: Tables) -> None:
         self.tab = tab
-        self.m_lead = m_blocks.T - tab.block_cdneg  # (N, nb)
+        self.m_lead = m_blocks - tab.block_cdneg[:, None]  # (nb, N)
         self.lead = self.m_lead - self._theta_low(theta_p)
         self._refresh()
 
     def _refresh(self) -> None:
-        self.best = self.lead.max(axis=0)
+        self.best = _max(self.lead, axis=1)
         self.best_after = np.maximum.accumulate(self.best[::-1])[::-1]  # max over b' >= b
 
     def _theta_low(self, theta_p: np.ndarray) -> np.ndarray:
-        low = np.multiply.outer(theta_p, self.tab.block_start_rth)
-        if theta_p.size and theta_p.min() < 0.0:  # a negative theta grows towards 0
-            low = np.minimum(low, np.multiply.outer(theta_p, self.tab.block_end_rth))
+        low = np.multiply.outer(self.tab.block_start_rth, theta_p)
+        if theta_p.size and _min(theta_p) < 0.0:  # a negative theta grows towards 0
+            low = np.minimum(low, np.multiply.outer(self.tab.block_end_rth, theta_p))
         return low
 
     def drop(self, cols: list[int]) -> None:
         """Stop bounding ``cols`` (now dirty, or reset with an offset still unknown)."""
-        self.lead[cols] = -np.inf
+        self.lead[:, cols] = -np.inf
         self._refresh()
 
     def update(self, cols: list[int], off: np.ndarray, theta_p: np.ndarray) -> None:
-        lead = self.m_lead[cols] - self._theta_low(theta_p[cols])
-        lead += off[cols, None]
-        self.lead[cols] = lead
+        lead = self.m_lead[:, cols] - self._theta_low(theta_p[cols])
+        lead += off[cols]
+        self.lead[:, cols] = lead
         self._refresh()
 
     def can_cross(self, b0: int, b1: int, h: float) -> bool:
         limit = h - _MARGIN
-        return self.best_after[b0] >= limit and self.best[b0 : b1 + 1].max() >= limit
+        return self.best_after[b0] >= limit and _max(self.best[b0 : b1 + 1]) >= limit
 
     def candidates(self, b0: int, b1: int, h: float) -> np.ndarray:
-        return np.flatnonzero((self.lead[:, b0 : b1 + 1] >= h - _MARGIN).any(axis=1))
+        return (_max(self.lead[b0 : b1 + 1], axis=0) >= h - _MARGIN).nonzero()[0]
 
 
 class _Inputs:
