@@ -99,6 +99,7 @@ class Tables(NamedTuple):
     rth: np.ndarray  # (T,) g^(t+1) d^-t: theta' -> scaled threshold offset
     lampow: np.ndarray  # (T+1,) lam^t
     laminv: np.ndarray  # (T,) lam^-t
+    laminv_shifted: np.ndarray  # (T+2,) lam^-(t-1), 0 at t = 0 and t = T+1 (padding)
     ginv: np.ndarray  # (T,) g^-(t+1)
     g_total: float  # g^T
     hstep: np.ndarray  # (T+2,) inh_strength d^-t, inhibition landing at t
@@ -132,6 +133,9 @@ def tables(params: NetworkParams) -> Tables:
         rth=rth,
         lampow=np.exp(-t[: steps + 1] * (params.dt / params.tc_trace)),
         laminv=np.exp(t[:steps] * (params.dt / params.tc_trace)),
+        laminv_shifted=np.concatenate(
+            ([0.0], np.exp(t[:steps] * (params.dt / params.tc_trace)), [0.0])
+        ),
         ginv=np.exp(-(t[:steps] + 1) * math.log(dec.theta)),
         g_total=dec.theta**steps,
         hstep=params.inh_strength * dneg,
@@ -265,6 +269,9 @@ class _Inputs:
         if n_chunks > 1:
             terms[1:] += _accumulate(terms[:-1, -1], axis=0)[:, None]
         self.dep = buf[: steps + 1]
+        # traced[t] = lam^-(t-1) S[t-1]: an input trace after step t is lam^t times the
+        # largest entry of its column so far (a spike sets the trace to 1).
+        self.traced = self.shifted * tab.laminv_shifted[:, None]
         # s_dep[t] = S[t-1] . D[t]: the depression part of a dirty neuron's input at t.
         self.s_dep = np.einsum("tk,tk->t", self.shifted[: steps + 1], self.dep)
         self._w_active: np.ndarray | None = None
@@ -350,6 +357,7 @@ def present(
     shifted = inputs.shifted
     dep_all = inputs.dep
     s_dep_all = inputs.s_dep
+    traced = inputs.traced
     x_max = np.zeros(k)  # max_{s < x_upto} lam^-s S[s]; x_in after t is lam^t x_max
     x_upto = 0
     # M at block ends, an upper bound of M over each block (float32 plus slack).
@@ -364,6 +372,9 @@ def present(
     hinc = np.zeros(steps + 3)  # scaled inhibition landing at each step
     h_before = 0.0  # H[a-1]
     w_min, w_max = params.w_min, params.w_max
+    # A spiking neuron's change is nu_post x - nu_pre S with x = 1 wherever S = 1, so it
+    # never lowers a weight when nu_post >= nu_pre: the floor after it is idle then.
+    potentiation_only = params.nu_post >= params.nu_pre
     refrac = params.refrac
     no_cand = np.zeros(0, dtype=np.int64)
     everyone = np.arange(n)
@@ -479,8 +490,7 @@ def present(
             # STDP of each spiking neuron: depression by this step's input spikes (its
             # trace is now 1), potentiation by the input traces, one clip.
             if x_upto <= t:
-                recent = shifted[x_upto + 1 : t + 2] * tab.laminv[x_upto : t + 1, None]
-                np.maximum(x_max, _max(recent, axis=0), out=x_max)
+                np.maximum(x_max, _max(traced[x_upto + 1 : t + 2], axis=0), out=x_max)
                 x_upto = t + 1
             change = x_max * (params.nu_post * tab.lampow[t])
             change -= shifted[t + 1] * params.nu_pre
@@ -492,7 +502,8 @@ def present(
                 w_new = None
                 if j in winners:
                     w_new = inputs.w_active[:, j] + change
-                    np.maximum(w_new, w_min, out=w_new)
+                    if not potentiation_only:
+                        np.maximum(w_new, w_min, out=w_new)
                     np.minimum(w_new, w_max, out=w_new)
                 else:
                     pending[j] = (gate, reset_u)
@@ -523,7 +534,8 @@ def present(
                     w_new += dirty.anchor[row]
                     np.maximum(w_new, w_min, out=w_new)  # weights after step t-1
                     w_new += change
-                    np.maximum(w_new, w_min, out=w_new)
+                    if not potentiation_only:
+                        np.maximum(w_new, w_min, out=w_new)
                     np.minimum(w_new, w_max, out=w_new)
                     # From step t + 1 its weights are w_new - rate (D[s] - D[t + 1]).
                     anchor = dep_all[t + 1] * rate
