@@ -51,11 +51,17 @@ windows.
 The loop
 --------
 From step ``a``, evaluate a window ``[a, e]`` (32 steps, doubling to 64 while nothing
-happens) for the dirty neurons and the candidates. Each crossing in it is an event,
-handled in time order: reset every neuron above threshold, pick the one that spikes,
-apply its STDP (potentiation by the input traces, depression by the input spikes of that
-step), patch the rest of the window (its new input, gating, the inhibition at ``t + 2``)
-and scan on. A crossing of a non-dirty neuron ends the window; the next starts after it.
+happens) for the dirty neurons and the candidates, as *leads*: ``lead = U + H -
+threshold``, so that a neuron integrating at step s crosses when ``lead[s] >= H[s]``. A
+dirty neuron gated until step q integrates its input ``I`` from its reset value on, so
+``lead[s] = U_reset + sum_{q..s} I + H[q - 1] - Th[s]`` for ``s >= q`` and ``-inf``
+before. Each crossing is an event, handled in time order:
+reset every neuron above threshold, pick the one that spikes, apply its STDP
+(potentiation by the input traces, depression by the input spikes of that step),
+recompute the leads of the neurons that crossed (the spiker's from its new input), add
+the inhibition landing at ``t + 2`` to the window's ``H`` (and to the lead of a dirty
+neuron still gated then, whose ``H[q - 1]`` it raises), and scan on. A crossing of a
+non-dirty neuron ends the window; the next starts after it.
 
 float64 is used for everything that decides a threshold crossing; float32 only for the
 conservative bounds.
