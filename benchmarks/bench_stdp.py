@@ -8,13 +8,16 @@ Spike counts per image, and so the cost of the event-driven trainer, depend on h
 training has gone, so the network is first trained on ``--warmup`` images (reported, not
 part of the figure); then training on the next ``--images`` images is timed ``--repeat``
 times per backend, each run from the same warmed-up state and seed, the backends taking
-turns so that a noisy neighbour slows both alike. With ``--infer N``, frozen-weight
-inference on N images is timed the same way (``numpy``: the batched float32 NumPy loop;
-``native``: the C kernel with its threads). Uses MNIST from ``--data`` / ``$ESTDP_DATA`` /
-../shared/data/mnist when present, else synthetic digit-like images. Each run prints a
-line; the last line is one JSON object with the medians per backend (wall clock and
-process CPU time: on a shared machine the CPU time is the steadier of the two) and the
-speed-up of native over numpy measured in this process.
+turns so that a noisy neighbour slows both alike. ``numpy-prefetch`` is the NumPy trainer
+with its inputs drawn and prepared by a second process (:mod:`edge_node.prefetch`; the
+worker's start-up is part of its figure, and its CPU time is the trainer's process only);
+it needs ``--images`` of at least ``prefetch.MIN_IMAGES``. With ``--infer N``,
+frozen-weight inference on N images is timed the same way (``numpy``: the batched
+float32 NumPy loop; ``native``: the C kernel with its threads). Uses MNIST from
+``--data`` / ``$ESTDP_DATA`` / ../shared/data/mnist when present, else synthetic
+digit-like images. Each run prints a line; the last line is one JSON object with the
+medians per backend (wall clock and process CPU time: on a shared machine the CPU time is
+the steadier of the two) and the speed-ups measured in this process.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_node import inference, native_kernels
+from edge_node import inference, native_kernels, prefetch
 from edge_node.trainer import init_weights, train
 from estdp.params import load_params
+
+BACKENDS = ("numpy", "numpy-prefetch", "native")
 
 
 def synthetic_digits(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -73,12 +78,19 @@ def main() -> int:
     parser.add_argument("--preset", default="bindsnet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None)
-    parser.add_argument("--backend", default="numpy,native", help="comma-separated: numpy, native")
+    parser.add_argument(
+        "--backend", default="numpy,native", help="comma-separated: numpy, numpy-prefetch, native"
+    )
     parser.add_argument("--infer", type=int, default=0, help="also time inference on N images")
     args = parser.parse_args()
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
-    if not backends or set(backends) - {"numpy", "native"}:
-        parser.error(f"--backend takes numpy and/or native, got {args.backend!r}")
+    if not backends or set(backends) - set(BACKENDS):
+        parser.error(f"--backend takes {', '.join(BACKENDS)}, got {args.backend!r}")
+    if "numpy-prefetch" in backends and args.images < prefetch.MIN_IMAGES:
+        parser.error(
+            f"numpy-prefetch needs --images >= {prefetch.MIN_IMAGES} (below that the trainer "
+            "does not start the worker, whose start-up is part of the figure)"
+        )
 
     params = load_params(args.preset)
     images, source = load_images(args.warmup + max(args.images, args.infer), args.data, args.seed)
@@ -103,13 +115,14 @@ def main() -> int:
                 lambda name=name: train(
                     warm.weights, warm.thetas, timed, params,
                     rng=np.random.default_rng(args.seed + 1), native=name == "native",
+                    prefetch=name == "numpy-prefetch",
                 )
             )  # fmt: skip
             figures[name]["train_wall"].append(wall / len(timed) * 1e3)
             figures[name]["train_cpu"].append(cpu / len(timed) * 1e3)
             spikes = result.spike_counts.sum() / len(timed)
             line = f"run {run + 1} {name}: train {wall / len(timed) * 1e3:.3f} ms/image wall"
-            if args.infer:
+            if args.infer and name != "numpy-prefetch":  # its inference is numpy's
                 counts = inference.spike_counts if name == "numpy" else native_kernels.spike_counts
                 wall, cpu, _ = _timed(
                     lambda counts=counts: counts(
@@ -138,22 +151,18 @@ def main() -> int:
     }
     for name in backends:
         for key, values in figures[name].items():
-            summary[f"{name}_{key}_ms_per_image"] = median(values)
-    if len(backends) == 2:
-        num, nat = figures["numpy"], figures["native"]
-        summary["native_speedup_train"] = round(
-            statistics.median(
-                a / b for a, b in zip(num["train_wall"], nat["train_wall"], strict=True)
-            ),
-            2,
-        )
+            summary[f"{name.replace('-', '_')}_{key}_ms_per_image"] = median(values)
+
+    def speedup(slow: str, fast: str, key: str) -> float:
+        pairs = zip(figures[slow][key], figures[fast][key], strict=True)
+        return round(statistics.median(a / b for a, b in pairs), 3)
+
+    if {"numpy", "native"} <= set(backends):
+        summary["native_speedup_train"] = speedup("numpy", "native", "train_wall")
         if args.infer:
-            summary["native_speedup_infer"] = round(
-                statistics.median(
-                    a / b for a, b in zip(num["infer_wall"], nat["infer_wall"], strict=True)
-                ),
-                2,
-            )
+            summary["native_speedup_infer"] = speedup("numpy", "native", "infer_wall")
+    if {"numpy", "numpy-prefetch"} <= set(backends):
+        summary["prefetch_speedup_train"] = speedup("numpy", "numpy-prefetch", "train_wall")
     print(json.dumps(summary))
     return 0
 

@@ -248,38 +248,61 @@ class _Bounds:
         return (_max(self.lead[b0 : b1 + 1], axis=0) >= h - _MARGIN).nonzero()[0]
 
 
+class Prepared(NamedTuple):
+    """The per-presentation arrays that depend on the input spikes alone (:func:`prepare`)."""
+
+    shifted: np.ndarray  # (T+2, K) shifted[t] = S[t-1], zero rows of padding
+    dep: np.ndarray  # (T+1, K) D[t] = sum_{s<t} lam^s S[s], the depression integral
+    traced: np.ndarray  # (T+2, K) lam^-(t-1) S[t-1]
+    s_dep: np.ndarray  # (T+1,) S[t-1] . D[t]
+    z_blocks: np.ndarray  # (nb, K) float32 Z at block ends: sum_{s <= end} d^-s S[s-1]
+
+
+def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
+    """Everything :func:`present` needs from the (T, K) input spikes alone.
+
+    It does not depend on the weights, so it can be computed ahead, in another process
+    (:mod:`edge_node.prefetch`); :func:`present` computes it itself when not given it.
+    """
+    steps = tab.steps
+    k = spikes.shape[1]
+    shifted = np.zeros((steps + 2, k))
+    shifted[1 : steps + 1] = spikes
+    # D within chunks of CHUNK steps by one triangular product each (a cumsum down the
+    # columns of a C-ordered array is several times slower), then chunk offsets.
+    n_chunks = -(-steps // CHUNK)
+    buf = np.zeros((n_chunks * CHUNK + 1, k))
+    terms = buf[1:].reshape(n_chunks, CHUNK, k)
+    np.multiply(shifted[1 : steps + 1], tab.lampow[:steps, None], out=buf[1 : steps + 1])
+    np.matmul(tab.tri, terms.copy(), out=terms)
+    if n_chunks > 1:
+        terms[1:] += _accumulate(terms[:-1, -1], axis=0)[:, None]
+    dep = buf[: steps + 1]
+    # An input trace after step t is lam^t times the largest entry of its column of
+    # ``traced`` so far (a spike sets the trace to 1).
+    traced = shifted * tab.laminv_shifted[:, None]
+    s_dep = np.einsum("tk,tk->t", shifted[: steps + 1], dep)
+    z_blocks = _accumulate(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
+    return Prepared(shifted, dep, traced, s_dep, z_blocks)
+
+
 class _Inputs:
     """Per-presentation input arrays shared by the helpers of :func:`present`.
 
     Everything the dirty neurons need from the input spikes alone is computed once per
-    presentation, so that a window costs slices, not products.
+    presentation (:class:`Prepared`), so that a window costs slices, not products.
     """
 
-    def __init__(self, presentation: Presentation, weights: np.ndarray, tab: Tables) -> None:
-        steps = tab.steps
+    def __init__(
+        self, prepared: Prepared, active: np.ndarray, weights: np.ndarray, tab: Tables
+    ) -> None:
         self.tab = tab
-        self.active = presentation.active
+        self.active = active
         self.weights = weights
-        k = self.active.size
-        # shifted[t] = S[t-1], the input spikes that drive step t (zero rows of padding).
-        self.shifted = np.zeros((steps + 2, k))
-        self.shifted[1 : steps + 1] = presentation.spikes
-        # dep[t] = D[t] = sum_{s<t} lam^s S[s], the depression integral (T+1, K): within
-        # chunks of CHUNK steps by one triangular product each (a cumsum down the
-        # columns of a C-ordered array is several times slower), then chunk offsets.
-        n_chunks = -(-steps // CHUNK)
-        buf = np.zeros((n_chunks * CHUNK + 1, k))
-        terms = buf[1:].reshape(n_chunks, CHUNK, k)
-        np.multiply(self.shifted[1 : steps + 1], tab.lampow[:steps, None], out=buf[1 : steps + 1])
-        np.matmul(tab.tri, terms.copy(), out=terms)
-        if n_chunks > 1:
-            terms[1:] += _accumulate(terms[:-1, -1], axis=0)[:, None]
-        self.dep = buf[: steps + 1]
-        # traced[t] = lam^-(t-1) S[t-1]: an input trace after step t is lam^t times the
-        # largest entry of its column so far (a spike sets the trace to 1).
-        self.traced = self.shifted * tab.laminv_shifted[:, None]
-        # s_dep[t] = S[t-1] . D[t]: the depression part of a dirty neuron's input at t.
-        self.s_dep = np.einsum("tk,tk->t", self.shifted[: steps + 1], self.dep)
+        self.shifted = prepared.shifted
+        self.dep = prepared.dep
+        self.traced = prepared.traced
+        self.s_dep = prepared.s_dep
         self._w_active: np.ndarray | None = None
         self._chunks: dict[int, np.ndarray] = {}
 
@@ -325,6 +348,7 @@ def present(
     presentation: Presentation,
     params: NetworkParams,
     tab: Tables,
+    prepared: Prepared | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train on one presentation, event by event.
 
@@ -344,6 +368,8 @@ def present(
         Network parameters; :func:`supported` must hold.
     tab
         ``tables(params)``.
+    prepared
+        ``prepare(presentation.spikes, tab)`` when computed ahead; computed here if None.
 
     Returns
     -------
@@ -359,7 +385,9 @@ def present(
     if k == 0:
         return thetas * tab.g_total, counts, np.zeros(0, dtype=np.int64)
 
-    inputs = _Inputs(presentation, weights, tab)
+    if prepared is None:
+        prepared = prepare(presentation.spikes, tab)
+    inputs = _Inputs(prepared, active, weights, tab)
     shifted = inputs.shifted
     dep_all = inputs.dep
     s_dep_all = inputs.s_dep
@@ -367,8 +395,7 @@ def present(
     x_max = np.zeros(k)  # max_{s < x_upto} lam^-s S[s]; x_in after t is lam^t x_max
     x_upto = 0
     # M at block ends, an upper bound of M over each block (float32 plus slack).
-    z_blocks = _accumulate(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
-    m_blocks = (z_blocks @ weights32[active]).astype(np.float64) * (1.0 + _SAFETY)
+    m_blocks = (prepared.z_blocks @ weights32[active]).astype(np.float64) * (1.0 + _SAFETY)
 
     theta_p = np.array(thetas, dtype=np.float64)  # theta[t] = theta' g^(t+1)
     off = np.zeros(n)

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edge_node import event_driven, native_kernels, reference
+from edge_node import prefetch as _prefetch
 from edge_node.encoding import draw_presentation, flatten_images
 from edge_node.network import normalise_columns, rest_decay
 from estdp.errors import ConfigError
@@ -121,6 +122,7 @@ def train(
     rng: np.random.Generator,
     progress: Callable[[int], None] | None = None,
     native: bool = False,
+    prefetch: bool = False,
 ) -> TrainResult:
     """Train on ``images`` in order, one pass, with STDP (NumPy event-driven, or C).
 
@@ -141,6 +143,10 @@ def train(
     native
         Run each presentation in the C kernel (:mod:`edge_node.native_kernels`) instead
         of the event-driven NumPy path; the same inputs, the same spikes.
+    prefetch
+        Draw and prepare the next images' inputs in a second process
+        (:mod:`edge_node.prefetch`) when that can gain (NumPy path, no re-presentations,
+        two cores, enough images); the same spikes and the same final ``rng`` state.
 
     Returns
     -------
@@ -153,8 +159,9 @@ def train(
     if thetas.shape != (weights.shape[1],):
         raise ConfigError(f"thetas must be ({weights.shape[1]},), got shape {thetas.shape}")
     flat = flatten_images(images, params.n_input)
+    ahead = prefetch and not native and _prefetch.usable(params, flat.shape[0])
     with one_blas_thread():
-        return _train(weights, thetas, flat, params, rng, progress, native)
+        return _train(weights, thetas, flat, params, rng, progress, native, ahead)
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager:
@@ -173,33 +180,47 @@ def _train(
     rng: np.random.Generator,
     progress: Callable[[int], None] | None,
     native: bool,
+    ahead: bool,
 ) -> TrainResult:
     state = _Working(weights, thetas, params)
     tab = event_driven.tables(params)
     counts = np.zeros((flat.shape[0], weights.shape[1]), dtype=np.int32)
     presentations = 0
-    for n, image in enumerate(flat):
-        intensity = params.intensity
-        for attempt in range(params.max_presentations):
-            drawn = draw_presentation(image, params, rng, intensity)
-            presentations += 1
-            counts[n] = _present(state, drawn, params, tab, native)
-            if counts[n].sum() >= params.min_spikes or attempt + 1 == params.max_presentations:
-                break
-            intensity += params.intensity_boost
-        if progress is not None:
-            progress(n + 1)
+    if ahead:  # one presentation per image, its inputs made by the worker
+        with _prefetch.Prefetcher(flat, params, rng) as stream:
+            for n, (drawn, prepared) in enumerate(stream):
+                counts[n] = _present(state, drawn, params, tab, native, prepared)
+                presentations += 1
+                if progress is not None:
+                    progress(n + 1)
+    else:
+        for n, image in enumerate(flat):
+            intensity = params.intensity
+            for attempt in range(params.max_presentations):
+                drawn = draw_presentation(image, params, rng, intensity)
+                presentations += 1
+                counts[n] = _present(state, drawn, params, tab, native)
+                if counts[n].sum() >= params.min_spikes or attempt + 1 == params.max_presentations:
+                    break
+                intensity += params.intensity_boost
+            if progress is not None:
+                progress(n + 1)
     return TrainResult(
         weights=state.w.astype(np.float32),
         thetas=state.theta.astype(np.float32),
         spike_counts=counts,
-        images_seen=int(flat.shape[0]),
+        images_seen=int(counts.shape[0]),
         presentations=presentations,
     )
 
 
 def _present(
-    state: _Working, drawn, params: NetworkParams, tab: event_driven.Tables, native: bool
+    state: _Working,
+    drawn,
+    params: NetworkParams,
+    tab: event_driven.Tables,
+    native: bool,
+    prepared: event_driven.Prepared | None = None,
 ) -> np.ndarray:
     """One learning presentation; updates ``state``; returns the (N,) spike counts."""
     if native:
@@ -210,7 +231,7 @@ def _present(
     if event_driven.supported(params, state.theta):
         state.clip_for_step0()
         state.theta, counts, changed = event_driven.present(
-            state.w, state.w32, state.theta, drawn, params, tab
+            state.w, state.w32, state.theta, drawn, params, tab, prepared
         )
         state.finish(changed)
         return counts

@@ -66,11 +66,14 @@ def train_model(
     start: SubModel | None = None,
     progress: Callable[[int], None] | None = None,
     round_id: int = 0,
+    prefetch: bool = False,
 ) -> TrainingRun:
     """Train on ``images`` (one pass), then assign labels from a frozen pass over them.
 
     ``start`` continues from an existing model (e.g. the global model of a round); its
-    size then fixes ``n_neurons``.
+    size then fixes ``n_neurons``. ``prefetch``: on the NumPy backend, draw and prepare
+    the next images' inputs in a second process when that gains
+    (:mod:`edge_node.prefetch`; the same result either way).
     """
     if images.shape[0] != image_labels.shape[0]:
         raise ConfigError(f"{images.shape[0]} images but {image_labels.shape[0]} labels")
@@ -91,7 +94,7 @@ def train_model(
         seen_before = 0
     flat = _flat(images)
     t0 = time.perf_counter()
-    weights, thetas = _learn(weights, thetas, flat, params, backend, rng, progress)
+    weights, thetas = _learn(weights, thetas, flat, params, backend, rng, progress, prefetch)
     train_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -121,6 +124,7 @@ def _learn(
     backend: Backend,
     rng: np.random.Generator,
     progress: Callable[[int], None] | None = None,
+    prefetch: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pass of STDP over ``flat`` on ``backend``: (weights, thetas) on the host."""
     if backend.is_gpu:
@@ -131,7 +135,14 @@ def _learn(
         )
         return to_host(weights), to_host(thetas)
     result = trainer.train(
-        weights, thetas, flat, params, rng=rng, progress=progress, native=backend.is_native
+        weights,
+        thetas,
+        flat,
+        params,
+        rng=rng,
+        progress=progress,
+        native=backend.is_native,
+        prefetch=prefetch,
     )
     return result.weights, result.thetas
 

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="where to write the model (.estdp)")
     parser.add_argument("--json", action="store_true", help="print a one-line JSON summary")
+    parser.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="numpy backend: do not draw and prepare the next images' inputs in a second "
+        "process (by default it does with 2+ CPUs and 2000+ images; same result, ~10%% faster)",
+    )
     add_data_args(parser)
     add_backend_arg(parser)
     add_params_args(parser)
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         start=start,
         progress=bar.update,
+        prefetch=not args.no_prefetch,
     )
     bar.close()
     save_model(run_.model, out)
