@@ -24,43 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
+from _images import load_images
 
 from edge_node import inference, native_kernels, prefetch
 from edge_node.trainer import init_weights, train
 from estdp.params import load_params
 
 BACKENDS = ("numpy", "numpy-prefetch", "native")
-
-
-def synthetic_digits(n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 784) uint8: strokes of lit pixels in the central 20 x 20, ~150 per image."""
-    images = np.zeros((n, 28, 28), dtype=np.uint8)
-    for k in range(n):
-        y, x = rng.integers(6, 22, 2)
-        for _ in range(10):
-            y = int(np.clip(y + rng.integers(-3, 4), 4, 23))
-            x = int(np.clip(x + rng.integers(-3, 4), 4, 23))
-            images[k, y - 2 : y + 2, x - 2 : x + 2] = rng.integers(120, 256)
-    return images.reshape(n, 784)
-
-
-def load_images(n: int, data: str | None, seed: int) -> tuple[np.ndarray, str]:
-    """The first ``n`` MNIST training images when available, else synthetic ones."""
-    candidates = [data, os.environ.get("ESTDP_DATA")]
-    candidates.append(str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
-    for directory in candidates:
-        if directory and (Path(directory) / "train-images-idx3-ubyte.gz").exists():
-            from estdp.datasets import load_mnist
-
-            images, _ = load_mnist("train", directory, download=False, limit=n)
-            return images.reshape(len(images), -1), "mnist"
-    return synthetic_digits(n, np.random.default_rng(seed)), "synthetic"
 
 
 def _timed(run) -> tuple[float, float, object]:
