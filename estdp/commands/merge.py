@@ -30,21 +30,12 @@ from estdp.commands._common import (
     non_negative_int,
     output_path,
     positive_int,
+    positive_seconds,
 )
 from estdp.model import SubModel, load_model, save_model, with_notes
 
 NAME = "merge"
 HELP = "merge sub-models into one model of a target size (similarity pruning or genetic search)"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--time-budget",
-        type=_positive_float,
+        type=positive_seconds,
         default=540.0,
         help="ga: wall-time budget of the whole stage (seeds, simulation, search, verification), seconds (default 540)",
     )

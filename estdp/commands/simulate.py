@@ -23,6 +23,7 @@ from estdp.commands._common import (
     emit_json,
     non_negative_int,
     positive_int,
+    positive_seconds,
 )
 from estdp.errors import ConfigError
 
@@ -33,16 +34,6 @@ NAME = "simulate"
 HELP = "simulate a fleet of edge boards on this machine and compare with a single model"
 
 METRICS = ("mse", "manhattan", "cosine", "correlation")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     fleet.add_argument(
         "--label-deadline",
-        type=positive_float,
+        type=positive_seconds,
         default=None,
         help="seconds the aggregator waits for the boards' label statistics "
         "(default: from the workload)",
@@ -151,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     fleet.add_argument(
         "--deadline",
-        type=positive_float,
+        type=positive_seconds,
         default=None,
         help="seconds the aggregator waits for updates in a round (default: from the workload)",
     )
@@ -173,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     fleet.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     fleet.add_argument(
-        "--timeout", type=positive_float, default=3600.0, help="give up after this many seconds"
+        "--timeout", type=positive_seconds, default=3600.0, help="give up after this many seconds"
     )
     score = parser.add_argument_group("baseline, scoring and report")
     score.add_argument(
