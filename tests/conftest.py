@@ -1,12 +1,17 @@
-"""Shared fixtures: where the real MNIST lives, and GPU/broker availability."""
+"""Shared fixtures: where the real MNIST lives, GPU/broker availability, CUDA kernels
+emulated on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 if TYPE_CHECKING:
@@ -33,6 +38,45 @@ def mnist_dir() -> Path:
     if path is None:
         pytest.skip("the shared MNIST files (../shared/data/mnist) are not present")
     return path
+
+
+# ---- CUDA kernels: emulated on the CPU, or on a real GPU --------------------------------
+
+
+def load_support(name: str) -> ModuleType:
+    """The module ``tests/support/<name>.py``, loaded once by path (tests/ is no package)."""
+    module = sys.modules.get(f"estdp_test_{name}")
+    if module is None:
+        path = REPO_ROOT / "tests" / "support" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"estdp_test_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request, monkeypatch):
+    """NumPy with the CUDA kernels emulated on the CPU, or CuPy on a real GPU."""
+    if request.param == "emulated":
+        emu = load_support("cuda_emu")
+        if not emu.available():
+            pytest.skip("g++ is needed to emulate the CUDA kernels")
+        emu.install(monkeypatch)
+        return np
+    from estdp.backend import gpu_available
+
+    if not gpu_available():
+        pytest.skip("no CUDA GPU usable through CuPy (estdp.backend.gpu_available() is False)")
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(scope="session")
+def twin() -> ModuleType:
+    """The float32 NumPy twin of the CUDA kernels (tests/support/stdp_twin.py)."""
+    return load_support("stdp_twin")
 
 
 # ---- MQTT brokers for integration tests -----------------------------------------------------

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,35 +12,6 @@ from aggregator.cuda_similarity import MANHATTAN_SOURCE, manhattan_cuda, manhatt
 from edge_node.cuda_common import NVCC_OPTIONS
 from estdp.backend import gpu_available, to_host
 from estdp.errors import BackendUnavailable, ConfigError
-
-
-def _support(name: str):
-    path = Path(__file__).resolve().parents[1] / "support" / f"{name}.py"
-    module = sys.modules.get(f"estdp_test_{name}")
-    if module is None:
-        spec = importlib.util.spec_from_file_location(f"estdp_test_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-emu = _support("cuda_emu")
-
-
-@pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request, monkeypatch):
-    """NumPy with the kernel emulated on the CPU, or CuPy on a real GPU."""
-    if request.param == "emulated":
-        if not emu.available():
-            pytest.skip("g++ is needed to emulate the CUDA kernels")
-        emu.install(monkeypatch)
-        return np
-    if not gpu_available():
-        pytest.skip("no CUDA GPU usable through CuPy (estdp.backend.gpu_available() is False)")
-    import cupy
-
-    return cupy
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")

@@ -2,46 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from edge_node import cuda_encode
 from edge_node.encoding import draw_presentation
-from estdp.backend import gpu_available, to_host
+from estdp.backend import to_host
 from estdp.params import NetworkParams
-
-
-def _support(name: str):
-    path = Path(__file__).resolve().parents[1] / "support" / f"{name}.py"
-    module = sys.modules.get(f"estdp_test_{name}")
-    if module is None:
-        spec = importlib.util.spec_from_file_location(f"estdp_test_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-emu = _support("cuda_emu")
-
-
-@pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request, monkeypatch):
-    """NumPy with the kernels emulated on the CPU, or CuPy on a real GPU."""
-    if request.param == "emulated":
-        if not emu.available():
-            pytest.skip("g++ is needed to emulate the CUDA kernels")
-        emu.install(monkeypatch)
-        return np
-    if not gpu_available():
-        pytest.skip("no CUDA GPU usable through CuPy (estdp.backend.gpu_available() is False)")
-    import cupy
-
-    return cupy
 
 
 @pytest.mark.parametrize("n_in", [1, 31, 32, 33, 784])

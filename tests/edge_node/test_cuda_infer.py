@@ -2,50 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from edge_node import cuda_encode, reference
 from edge_node.cuda_infer import launch_infer, spike_counts_cuda
 from edge_node.encoding import draw_presentation
-from estdp.backend import gpu_available, to_host
+from estdp.backend import to_host
 from estdp.errors import ConfigError
 from estdp.params import NetworkParams
 
-
-def _support(name: str):
-    path = Path(__file__).resolve().parents[1] / "support" / f"{name}.py"
-    module = sys.modules.get(f"estdp_test_{name}")
-    if module is None:
-        spec = importlib.util.spec_from_file_location(f"estdp_test_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-emu = _support("cuda_emu")
-twin = _support("stdp_twin")
 SMALL = NetworkParams(n_input=80, time_steps=40, intensity=1000.0, norm=8.0)
-
-
-@pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request, monkeypatch):
-    """NumPy with the kernels emulated on the CPU, or CuPy on a real GPU."""
-    if request.param == "emulated":
-        if not emu.available():
-            pytest.skip("g++ is needed to emulate the CUDA kernels")
-        emu.install(monkeypatch)
-        return np
-    if not gpu_available():
-        pytest.skip("no CUDA GPU usable through CuPy (estdp.backend.gpu_available() is False)")
-    import cupy
-
-    return cupy
 
 
 def _model(params: NetworkParams, n: int, seed: int):
@@ -88,7 +55,7 @@ def test_float64_counts_follow_the_reference(xp, params: NetworkParams, n: int) 
     assert expected.sum() > 5 * len(images)
 
 
-def test_float32_kernel_equals_the_twin_with_re_presentations(xp) -> None:
+def test_float32_kernel_equals_the_twin_with_re_presentations(xp, twin) -> None:
     params = SMALL.replace(n_input=70, time_steps=30, min_spikes=12)
     w, th, rng = _model(params, 45, seed=2)
     w, th = w.astype(np.float32), th.astype(np.float32)

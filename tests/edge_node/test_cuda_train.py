@@ -8,10 +8,6 @@ float32 kernel must equal the float32 twin (``tests/support/stdp_twin.py``) bit 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -21,38 +17,8 @@ from estdp.backend import gpu_available, to_host
 from estdp.errors import BackendUnavailable, ConfigError
 from estdp.params import NetworkParams
 
-
-def _support(name: str):
-    path = Path(__file__).resolve().parents[1] / "support" / f"{name}.py"
-    module = sys.modules.get(f"estdp_test_{name}")
-    if module is None:
-        spec = importlib.util.spec_from_file_location(f"estdp_test_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-emu = _support("cuda_emu")
-twin = _support("stdp_twin")
-
 # Small networks with strong input so that a few dozen steps give plenty of spikes.
 SMALL = NetworkParams(n_input=80, time_steps=40, intensity=1000.0, norm=8.0)
-
-
-@pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request, monkeypatch):
-    """NumPy with the kernels emulated on the CPU, or CuPy on a real GPU."""
-    if request.param == "emulated":
-        if not emu.available():
-            pytest.skip("g++ is needed to emulate the CUDA kernels")
-        emu.install(monkeypatch)
-        return np
-    if not gpu_available():
-        pytest.skip("no CUDA GPU usable through CuPy (estdp.backend.gpu_available() is False)")
-    import cupy
-
-    return cupy
 
 
 def _problem(params: NetworkParams, n: int, n_images: int, seed: int = 1, scale: float = 0.3):
@@ -121,7 +87,7 @@ def _random_inputs(params: NetworkParams, n_images: int, n_pres: int, density: f
 
 
 @pytest.mark.parametrize("one_spike", [True, False])
-def test_float32_kernel_equals_the_float32_twin(xp, one_spike: bool) -> None:
+def test_float32_kernel_equals_the_float32_twin(xp, twin, one_spike: bool) -> None:
     params = SMALL.replace(n_input=90, time_steps=35, min_spikes=25, one_spike=one_spike, norm=60.0)
     bits, choices = _random_inputs(params, 3, 3, 0.12, seed=2)
     bits[0, 0] = False  # a silent first presentation forces a re-presentation
