@@ -138,13 +138,19 @@ def _init_worker(images: np.ndarray, labels: np.ndarray, backend_name: str) -> N
 
 
 def _score_task(
-    name: str, path: str, metric: str | None, target: int | None, n_images: int | None
+    name: str,
+    path: str,
+    metric: str | None,
+    target: int | None,
+    n_images: int | None,
+    rule: str | None = None,
 ) -> Scored:
     from estdp.model import load_model
 
     model = load_model(path)
     if metric is not None and target is not None:
-        model, _ = merge_models([model], target, metric)
+        options = {} if rule is None else {"rule": rule}
+        model, _ = merge_models([model], target, metric, **options)
     images, labels = _WORKER["images"], _WORKER["labels"]
     if n_images is not None:
         images, labels = images[:n_images], labels[:n_images]
@@ -197,10 +203,17 @@ class ScorePool:
         return self._pool.submit(_score_task, name, str(path), None, None, n_images)
 
     def score_merged(
-        self, name: str, path: str | Path, metric: str, target: int, n_images: int | None = None
+        self,
+        name: str,
+        path: str | Path,
+        metric: str,
+        target: int,
+        n_images: int | None = None,
+        rule: str | None = None,
     ) -> Future[Scored]:
-        """Accuracy of the model at ``path`` merged down to ``target`` neurons by ``metric``."""
-        return self._pool.submit(_score_task, name, str(path), metric, target, n_images)
+        """Accuracy of the model at ``path`` merged down to ``target`` neurons by ``metric``
+        (with the removal ``rule``; None: the aggregator's default)."""
+        return self._pool.submit(_score_task, name, str(path), metric, target, n_images, rule)
 
 
 def compression_curve(
@@ -211,15 +224,19 @@ def compression_curve(
     *,
     n_images: int | None = None,
     metrics: Sequence[str] = METRICS,
+    rule: str | None = None,
 ) -> Callable[[], dict[str, Any]]:
     """Submit the compression curve of the model at ``path`` to ``pool``.
+
+    Each point is the merge the aggregator would make (``rule``: its removal rule; None:
+    the default), scored on the first ``n_images`` test images.
 
     Returns a function that waits for the scores and returns ``{"start_neurons",
     "test_images", "removed", "metrics": {metric: [accuracy per removal count]}}``.
     """
     unmerged = pool.score("unmerged", path, n_images) if 0 in removed else None
     futures: dict[tuple[str, int], Future[Scored]] = {
-        (m, r): pool.score_merged(f"{m}-{r}", path, m, n_neurons - r, n_images)
+        (m, r): pool.score_merged(f"{m}-{r}", path, m, n_neurons - r, n_images, rule)
         for r in removed
         if r > 0
         for m in metrics

@@ -258,7 +258,12 @@ def score_run(
         if curve_plan is not None and merged_path is not None:
             points, n_merged = curve_plan
             collect_curve = evaluation.compression_curve(
-                pool, merged_path, n_merged, points, n_images=scoring.curve_test_images
+                pool,
+                merged_path,
+                n_merged,
+                points,
+                n_images=scoring.curve_test_images,
+                rule=config.rule,
             )
         baseline = fleet.wait_baseline()
         base_future = None

@@ -65,3 +65,27 @@ def test_merge_time_is_the_median_of_timed_runs():
     ticks = iter([0.0, 1.0, 10.0, 10.5, 20.0, 23.0])
     t = E.merge_time([_model(20)], 10, "mse", repeats=3, clock=lambda: next(ticks))
     assert t == pytest.approx(1.0)
+
+
+def test_curve_merges_with_the_runs_removal_rule(tmp_path, mnist_dir):
+    from edge_node.workflow import train_model
+    from estdp.backend import resolve_backend
+    from estdp.datasets import load_mnist
+    from estdp.model import save_model
+
+    backend = resolve_backend("numpy")
+    train_x, train_y = load_mnist("train", mnist_dir, limit=300)
+    model = train_model(train_x, train_y, 40, NetworkParams(), backend).model
+    x, y = load_mnist("test", mnist_dir, limit=300)
+    path = tmp_path / "m.estdp"
+    save_model(model, path)
+    expected = {
+        rule: E.score(rule, E.merge_models([model], 12, "mse", rule=rule)[0], x, y, backend)
+        for rule in ("later", "theta")
+    }
+    # The rules keep different neurons here, so the curve shows which one it used.
+    assert expected["later"].accuracy != expected["theta"].accuracy
+    with E.ScorePool(x, y, backend, jobs=1) as pool:
+        for rule, scored in expected.items():
+            curve = E.compression_curve(pool, path, 40, [28], metrics=["mse"], rule=rule)()
+            assert curve["metrics"]["mse"] == [scored.accuracy]
