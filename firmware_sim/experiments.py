@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.calibration import DEFAULT_IMAGES as DEFAULT_CALIBRATE_IMAGES
 from edge_node.workflow import train_model
 from estdp.backend import resolve_backend
 from estdp.datasets import load_mnist
@@ -71,6 +72,8 @@ class ExperimentConfig:
     scale: float = 1.0  # neurons x scale (tests run tiny versions)
     ga_seconds: float = 540.0
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    labels: str = "federated"  # fleet experiments: FleetConfig.labels
+    calibrate_images: int = DEFAULT_CALIBRATE_IMAGES  # fleet experiments: FleetConfig's
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 10:
@@ -150,6 +153,8 @@ class Context:
             preset=c.preset,
             config_path=c.config_path,
             overrides=c.overrides,
+            labels=c.labels,
+            calibrate_images=c.calibrate_images,
         )
         return dataclasses.replace(base, **changes)
 

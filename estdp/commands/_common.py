@@ -91,6 +91,29 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def add_fleet_label_args(group: argparse._ActionsContainer) -> None:
+    """``--labels`` and ``--calibrate-images`` of a simulated fleet (simulate, experiment)."""
+    from aggregator.calibration import DEFAULT_IMAGES
+
+    group.add_argument(
+        "--labels",
+        choices=("kept", "federated"),
+        default="federated",
+        help="labels of the global model: federated (default; the boards measure each "
+        "round's global model on their own labelled images and the aggregator pools them "
+        "before the next round) or kept (each neuron keeps the label its board gave it)",
+    )
+    group.add_argument(
+        "--calibrate-images",
+        type=non_negative_int,
+        default=DEFAULT_IMAGES,
+        metavar="N",
+        help="after a merge that pruned, each board re-measures the merged model's adaptive "
+        "thresholds over N of its images before the labels are assigned (estdp aggregator "
+        f"--calibrate-images; 0: off; default {DEFAULT_IMAGES})",
+    )
+
+
 def output_path(text: str) -> Path:
     path = Path(text)
     if path.exists() and path.is_dir():

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from estdp.commands._common import (
     add_backend_arg,
     add_data_args,
+    add_fleet_label_args,
     add_params_args,
     emit_json,
     non_negative_int,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from firmware_sim.experiments import ExperimentConfig
 
 NAME = "experiment"
 HELP = "reproduce an experiment of the slides: compression, merge-time, ensemble, ga, non-iid"
@@ -57,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes that score models (default: the number of CPUs)",
     )
     parser.add_argument("--broker", default=None, help="use this broker (mqtt://HOST:PORT)")
+    add_fleet_label_args(parser.add_argument_group("fleet experiments (ensemble, non-iid)"))
     parser.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
     parser.add_argument("--quiet", action="store_true", help="no live display")
     add_data_args(parser)
@@ -64,12 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_args(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    from firmware_sim.display import Display
-    from firmware_sim.experiments import ExperimentConfig, run_experiment
-    from firmware_sim.report import format_generic
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The :class:`~firmware_sim.experiments.ExperimentConfig` that ``args`` ask for."""
+    from firmware_sim.experiments import ExperimentConfig
 
-    config = ExperimentConfig(
+    return ExperimentConfig(
         out_dir=Path(args.out),
         data_dir=args.data,
         dataset=args.dataset,
@@ -85,7 +90,17 @@ def run(args: argparse.Namespace) -> int:
         ga_seconds=args.ga_seconds,
         scale=args.scale,
         jobs=args.jobs,
+        labels=args.labels,
+        calibrate_images=args.calibrate_images,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from firmware_sim.display import Display
+    from firmware_sim.experiments import run_experiment
+    from firmware_sim.report import format_generic
+
+    config = experiment_config(args)
     results = run_experiment(args.name, config, Display(quiet=args.quiet))
     for table in results.get("tables", []):
         print(f"{table['title']}:")

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aggregator.calibration import DEFAULT_IMAGES as DEFAULT_CALIBRATE_IMAGES
 from aggregator.removal import DEFAULT_RULE, RULES
 from estdp.commands._common import (
     add_backend_arg,
     add_data_args,
+    add_fleet_label_args,
     add_params_args,
     emit_json,
     non_negative_int,
@@ -68,29 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "continued the same global model: average them neuron by neuron, or concatenate "
         "and prune (default average)",
     )
-    fleet.add_argument(
-        "--labels",
-        choices=("kept", "federated"),
-        default="federated",
-        help="labels of the global model: federated (default; the boards measure each "
-        "round's global model on their own labelled images and the aggregator pools them "
-        "before the next round) or kept (each neuron keeps the label its board gave it)",
-    )
+    add_fleet_label_args(fleet)
     fleet.add_argument(
         "--label-deadline",
         type=positive_seconds,
         default=None,
         help="seconds the aggregator waits for the boards' label statistics "
         "(default: from the workload)",
-    )
-    fleet.add_argument(
-        "--calibrate-images",
-        type=non_negative_int,
-        default=DEFAULT_CALIBRATE_IMAGES,
-        metavar="N",
-        help="after a merge that pruned, each board re-measures the merged model's adaptive "
-        "thresholds over N of its images before the labels are assigned (estdp aggregator "
-        f"--calibrate-images; 0: off; default {DEFAULT_CALIBRATE_IMAGES})",
     )
     fleet.add_argument(
         "--sites",

@@ -98,3 +98,18 @@ def test_experiment_lists_the_five_experiments(capsys):
     out = capsys.readouterr().out
     for name in ("compression", "merge-time", "ensemble", "ga", "non-iid"):
         assert name in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "labels", "calibrate"),
+    [([], "federated", 1500), (["--labels", "kept", "--calibrate-images", "0"], "kept", 0)],
+)
+def test_experiment_label_flags_reach_the_fleet(tmp_path, argv, labels, calibrate):
+    from estdp.commands.experiment import experiment_config
+    from firmware_sim.display import Display
+    from firmware_sim.experiments import Context
+
+    args = cli.build_parser().parse_args(["experiment", "ensemble", "--out", str(tmp_path), *argv])
+    context = Context(experiment_config(args), Display(quiet=True), "estdp experiment ensemble")
+    fleet = context.fleet("ensemble")
+    assert (fleet.labels, fleet.calibrate_images) == (labels, calibrate)
