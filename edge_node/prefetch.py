@@ -152,6 +152,17 @@ def _work(source: BinaryIO, sink: BinaryIO) -> None:
             _send(sink, ("error", traceback.format_exc()))
 
 
+def start(images: np.ndarray, params: NetworkParams, rng: np.random.Generator) -> Prefetcher | None:
+    """A started :class:`Prefetcher`, or None (logged) when the worker cannot start, for
+    example with /dev/shm too small for its slots: the caller then draws in process."""
+    prefetcher = Prefetcher(images, params, rng)
+    try:
+        return prefetcher.__enter__()
+    except (PrefetchError, OSError) as exc:
+        log.warning("input prefetch unavailable, drawing the inputs in this process: %s", exc)
+        return None
+
+
 class Prefetcher:
     """Iterate over ``(presentation, prepared)`` for each image, made by a worker.
 
@@ -169,18 +180,22 @@ class Prefetcher:
         self._buf: mmap.mmap | None = None
 
     def __enter__(self) -> Prefetcher:
-        try:
-            self._start()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        log.debug("input prefetch worker started (pid %s)", self._proc.pid)
+        if self._proc is None:  # entered once: start() may have started it already
+            try:
+                self._start()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+            log.debug("input prefetch worker started (pid %s)", self._proc.pid)
         return self
 
     def _start(self) -> None:
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         with tempfile.NamedTemporaryFile(prefix="estdp-prefetch-", dir=shm) as file:
-            file.truncate(self.layout.slot_bytes * SLOTS)
+            size = self.layout.slot_bytes * SLOTS
+            file.truncate(size)
+            if hasattr(os, "posix_fallocate"):  # a full /dev/shm fails here, not on a write
+                os.posix_fallocate(file.fileno(), 0, size)
             self._buf = mmap.mmap(file.fileno(), 0)
             env = dict(os.environ)
             root = str(Path(__file__).resolve().parents[1])  # works from a source tree too

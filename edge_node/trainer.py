@@ -186,8 +186,9 @@ def _train(
     tab = event_driven.tables(params)
     counts = np.zeros((flat.shape[0], weights.shape[1]), dtype=np.int32)
     presentations = 0
-    if ahead:  # one presentation per image, its inputs made by the worker
-        with _prefetch.Prefetcher(flat, params, rng) as stream:
+    stream = _prefetch.start(flat, params, rng) if ahead else None
+    if stream is not None:  # one presentation per image, its inputs made by the worker
+        with stream:
             for n, (drawn, prepared) in enumerate(stream):
                 counts[n] = _present(state, drawn, params, tab, native, prepared)
                 presentations += 1

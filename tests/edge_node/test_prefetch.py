@@ -104,3 +104,17 @@ def test_leaving_the_stream_early_stops_the_worker(eager):
         next(iter(stream))
         process = stream._proc
     assert process.poll() is not None  # ended, not left behind
+
+
+def test_a_worker_that_cannot_start_leaves_training_in_process(eager, monkeypatch, caplog):
+    def no_room(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prefetch.Prefetcher, "_start", no_room)
+    w, th = trainer.init_weights(8, BINDSNET, np.random.default_rng(7))
+    images = _images(6)
+    plain = trainer.train(w, th, images, BINDSNET, rng=np.random.default_rng(8))
+    with caplog.at_level("WARNING", logger="edge_node.prefetch"):
+        ahead = trainer.train(w, th, images, BINDSNET, rng=np.random.default_rng(8), prefetch=True)
+    assert np.array_equal(plain.weights, ahead.weights)
+    assert "input prefetch unavailable" in caplog.text and "No space left" in caplog.text
