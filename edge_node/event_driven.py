@@ -406,8 +406,8 @@ def present(
     h_before = 0.0  # H[a-1]
     w_min, w_max = params.w_min, params.w_max
     # A spiking neuron's change is nu_post x - nu_pre S with x = 1 wherever S = 1, so it
-    # never lowers a weight when nu_post >= nu_pre: the floor after it is idle then.
-    potentiation_only = params.nu_post >= params.nu_pre
+    # never lowers a weight when nu_post > nu_pre: the floor after it is idle then.
+    potentiation_only = params.nu_post > params.nu_pre
     refrac = params.refrac
     no_cand = np.zeros(0, dtype=np.int64)
     everyone = np.arange(n)
