@@ -405,9 +405,6 @@ def present(
     hinc = np.zeros(steps + 3)  # scaled inhibition landing at each step
     h_before = 0.0  # H[a-1]
     w_min, w_max = params.w_min, params.w_max
-    # A spiking neuron's change is nu_post x - nu_pre S with x = 1 wherever S = 1, so it
-    # never lowers a weight when nu_post > nu_pre: the floor after it is idle then.
-    potentiation_only = params.nu_post > params.nu_pre
     refrac = params.refrac
     no_cand = np.zeros(0, dtype=np.int64)
     everyone = np.arange(n)
@@ -535,9 +532,7 @@ def present(
                 w_new = None
                 if j in winners:
                     w_new = inputs.w_active[:, j] + change
-                    if not potentiation_only:
-                        np.maximum(w_new, w_min, out=w_new)
-                    np.minimum(w_new, w_max, out=w_new)
+                    np.minimum(w_new, w_max, out=w_new)  # the floor: see below
                 else:
                     pending[j] = (gate, reset_u)
                 new_dirty.append((j, w_new, rate))
@@ -567,8 +562,9 @@ def present(
                     w_new += dirty.anchor[row]
                     np.maximum(w_new, w_min, out=w_new)  # weights after step t-1
                     w_new += change
-                    if not potentiation_only:
-                        np.maximum(w_new, w_min, out=w_new)
+                    # No floor here: every later use of these weights takes
+                    # max(w_min, A - r D[s]) first, which makes this clip the reference's
+                    # clip(w + change, w_min, w_max) (w_min <= w_max).
                     np.minimum(w_new, w_max, out=w_new)
                     # From step t + 1 its weights are w_new - rate (D[s] - D[t + 1]).
                     anchor = dep_all[t + 1] * rate

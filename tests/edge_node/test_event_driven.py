@@ -80,6 +80,14 @@ def test_tight_weight_bounds_match_the_reference():
     _compare(warm.weights, warm.thetas, _images(8, seed=25), params, seed=26)
 
 
+def test_depression_stronger_than_potentiation_matches_the_reference():
+    # nu_pre > nu_post: a spiker's own change can lower a weight, so the floor after it
+    # is needed (with nu_post > nu_pre it is skipped).
+    params = BINDSNET.replace(nu_pre=0.2, nu_post=1e-2, w_min=0.05)
+    w, th = trainer.init_weights(10, params, np.random.default_rng(27))
+    _compare(w, th, _images(6, seed=28), params, seed=29)
+
+
 def test_without_one_spike_matches_the_reference():
     params = BINDSNET.replace(one_spike=False)
     w, th = trainer.init_weights(10, params, np.random.default_rng(11))
