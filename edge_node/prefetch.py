@@ -186,7 +186,7 @@ class Prefetcher:
             except BaseException:
                 self.__exit__(None, None, None)
                 raise
-            log.debug("input prefetch worker started (pid %s)", self._proc.pid)
+            log.info("inputs drawn and prepared by a second process (pid %s)", self._proc.pid)
         return self
 
     def _start(self) -> None:
