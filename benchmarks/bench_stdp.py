@@ -15,8 +15,9 @@ it needs ``--images`` of at least ``prefetch.MIN_IMAGES``. With ``--infer N``,
 frozen-weight inference on N images is timed the same way (``numpy``: the batched
 float32 NumPy loop; ``native``: the C kernel with its threads). Uses MNIST from
 ``--data`` / ``$ESTDP_DATA`` / ../shared/data/mnist when present, else synthetic
-digit-like images. Each run prints a line; the last line is one JSON object with the
-medians per backend (wall clock and process CPU time: on a shared machine the CPU time is
+digit-like images. Each run prints a line; the last line is one JSON object with
+``backend`` and ``ms_per_image`` (the first ``--backend``'s training median), the medians
+per backend (wall clock and process CPU time: on a shared machine the CPU time is
 the steadier of the two) and the speed-ups measured in this process.
 """
 
@@ -113,6 +114,10 @@ def main() -> int:
 
     summary = {
         "benchmark": "stdp_train",
+        # The first --backend's training figure, under the plain names; every backend's
+        # figures follow under <backend>_train_wall_ms_per_image and the like.
+        "backend": backends[0],
+        "ms_per_image": median(figures[backends[0]]["train_wall"]),
         "preset": params.preset,
         "neurons": args.neurons,
         "images": len(timed),
