@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from estdp.backend import usable_cpus
 from estdp.errors import ConfigError, MergeError
 
 METRICS = ("mse", "manhattan", "cosine", "correlation")
@@ -436,12 +436,7 @@ def _row_sq(z: Any, xp: ModuleType) -> Any:
 
 
 def _threads(threads: int | None) -> int:
-    if threads is not None:
-        return max(1, int(threads))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return max(1, int(threads)) if threads is not None else usable_cpus()
 
 
 def _threaded_scan(

@@ -41,6 +41,7 @@ import numpy as np
 
 from edge_node import event_driven
 from edge_node.encoding import Presentation, draw_presentation
+from estdp.backend import usable_cpus
 from estdp.errors import EstdpError
 from estdp.params import NetworkParams
 
@@ -58,14 +59,7 @@ class PrefetchError(EstdpError):
 def usable(params: NetworkParams, n_images: int) -> bool:
     """Whether a run of ``n_images`` can use the worker and gains from it."""
     no_represent = params.min_spikes == 0 or params.max_presentations == 1
-    return no_represent and n_images >= MIN_IMAGES and _cpus() >= 2
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return no_represent and n_images >= MIN_IMAGES and usable_cpus() >= 2
 
 
 class _Layout:

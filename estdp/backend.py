@@ -14,6 +14,7 @@ that an explicit ``cupy`` request can report the real cause.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -122,3 +123,11 @@ def to_host(array: Any) -> np.ndarray:
     if get is not None:
         return get()
     return np.asarray(array)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)

@@ -23,7 +23,7 @@ def _images(n, seed=0):
 def eager(monkeypatch):
     """Use the worker for any run, on any machine."""
     monkeypatch.setattr(prefetch, "MIN_IMAGES", 1)
-    monkeypatch.setattr(prefetch, "_cpus", lambda: 2)
+    monkeypatch.setattr(prefetch, "usable_cpus", lambda: 2)
 
 
 def test_prefetched_training_equals_in_process(eager):
@@ -61,12 +61,12 @@ def test_stream_items_are_the_in_process_draws(eager):
 
 
 def test_usable_only_without_re_presentations_and_for_long_runs(monkeypatch):
-    monkeypatch.setattr(prefetch, "_cpus", lambda: 2)
+    monkeypatch.setattr(prefetch, "usable_cpus", lambda: 2)
     assert prefetch.usable(BINDSNET, prefetch.MIN_IMAGES)
     assert not prefetch.usable(BINDSNET, prefetch.MIN_IMAGES - 1)
     assert not prefetch.usable(PAPER, 10 * prefetch.MIN_IMAGES)  # re-presents on few spikes
     assert prefetch.usable(PAPER.replace(max_presentations=1), prefetch.MIN_IMAGES)
-    monkeypatch.setattr(prefetch, "_cpus", lambda: 1)
+    monkeypatch.setattr(prefetch, "usable_cpus", lambda: 1)
     assert not prefetch.usable(BINDSNET, 10 * prefetch.MIN_IMAGES)
 
 
