@@ -87,6 +87,10 @@ class Fleet:
     def kinds(self) -> list[str]:
         return [e["event"] for e in self.events]
 
+    def event(self, kind: str) -> dict:
+        """The first event of ``kind`` (StopIteration when there is none)."""
+        return next(e for e in self.events if e["event"] == kind)
+
 
 @pytest.fixture
 def fleet(tmp_path: Path, fake_trainer, merge_fn) -> Fleet:
@@ -102,7 +106,7 @@ def test_a_full_round_ends_with_every_node_holding_the_same_global_model(
     for g in globals_[1:]:
         np.testing.assert_array_equal(g.weights, globals_[0].weights)
     assert globals_[0].n_neurons == 12
-    merged = next(e for e in fleet.events if e["event"] == "global")
+    merged = fleet.event("global")
     assert merged["contains"] == ["n0", "n1", "n2"] and merged["reason"] == "all nodes reported"
     state = AggregatorState(tmp_path / "agg")
     assert state.current.phase == "merged" and state.current.contains == ("n0", "n1", "n2")
@@ -119,7 +123,7 @@ def test_the_deadline_merges_the_nodes_that_reported(fleet: Fleet) -> None:
     assert not fleet.agg.done
     fleet.clock.now += 601
     fleet.step(1, nodes=[])
-    merged = next(e for e in fleet.events if e["event"] == "global")
+    merged = fleet.event("global")
     assert merged["contains"] == ["n0", "n1"] and "deadline" in merged["reason"]
 
 
@@ -143,7 +147,7 @@ def test_an_aggregator_restart_loses_no_update(fleet: Fleet) -> None:
     fleet.agg = fleet.new_aggregator()  # restarted on the same state directory
     fleet.step()
     assert "resumed" in fleet.kinds() and fleet.agg.done
-    merged = next(e for e in fleet.events if e["event"] == "global")
+    merged = fleet.event("global")
     assert merged["contains"] == ["n0", "n1", "n2"] and merged["round"] == 1
 
 
@@ -309,7 +313,7 @@ def test_a_node_that_never_sends_stats_meets_the_label_deadline(fleet: Fleet) ->
     fleet.clock.now += 121  # --label-deadline 120 by default
     fleet.step()
     assert fleet.agg.done
-    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    relabelled = fleet.event("relabelled")
     assert relabelled["nodes"] == ["n0", "n1"]
     assert "label deadline" in relabelled["reason"] and "n2" in relabelled["reason"]
     # n2 still installs the final model (from the others' statistics).
@@ -346,12 +350,12 @@ def test_an_aggregator_restart_mid_labelling_keeps_the_stats_and_the_deadline(
     fleet.step(1, nodes=["n1"])  # sent while no aggregator listens (retained)
     fleet.clock.now += 60
     fleet.agg = fleet.new_aggregator()
-    resumed = next(e for e in fleet.events if e["event"] == "resumed")
+    resumed = fleet.event("resumed")
     assert resumed["phase"] == "labelling" and resumed["labels_from"] == ["n0"]
     assert fleet.agg.state.current.label_deadline_unix == deadline  # not restarted
     fleet.step()
     assert fleet.agg.done
-    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    relabelled = fleet.event("relabelled")
     assert relabelled["nodes"] == ["n0", "n1", "n2"]
     assert all(node.installed_round == 1 for node in fleet.nodes.values())
     assert all(not node.labels_provisional for node in fleet.nodes.values())
@@ -403,11 +407,7 @@ def test_bad_label_stats_are_rejected_and_the_daemon_keeps_serving(
     assert fleet.agg.state.label_reporters() == []  # none of them counts
     fleet.step()
     assert fleet.agg.done  # still serving
-    assert next(e for e in fleet.events if e["event"] == "relabelled")["nodes"] == [
-        "n0",
-        "n1",
-        "n2",
-    ]
+    assert fleet.event("relabelled")["nodes"] == ["n0", "n1", "n2"]
 
 
 def test_labels_kept_skips_the_labelling_phase(tmp_path: Path, fake_trainer, merge_fn) -> None:
@@ -415,7 +415,7 @@ def test_labels_kept_skips_the_labelling_phase(tmp_path: Path, fake_trainer, mer
     fleet.step(1)
     assert fleet.agg.done and fleet.agg.state.current.phase == "merged"
     assert "labelling" not in fleet.kinds()
-    assert next(e for e in fleet.events if e["event"] == "global")["labels"] == "kept"
+    assert fleet.event("global")["labels"] == "kept"
     fleet.step()
     assert all(t.label_calls == [] for t in fleet.trainers.values())
     installed = load_model(tmp_path / "n0" / "global.estdp")
@@ -491,7 +491,7 @@ def test_a_calibrated_round_averages_the_nodes_thresholds_then_labels_on_them(
     kinds = fleet.kinds()
     assert kinds.index("calibrating") < kinds.index("calibrated") < kinds.index("labelling")
     assert kinds.index("labelling") < kinds.index("relabelled")
-    calibrated_event = next(e for e in fleet.events if e["event"] == "calibrated")
+    calibrated_event = fleet.event("calibrated")
     assert calibrated_event["nodes"] == ["n0", "n1", "n2"] and calibrated_event["images"] == 90
     final = protocol.decode_global(fleet.agg.state.global_payload(1))
     want = expected_thetas(fleet, first.thetas, ["n0", "n1", "n2"])
@@ -544,7 +544,7 @@ def test_a_node_that_misses_the_calibration_deadline_is_left_out_of_the_average(
     fleet.clock.now += 121
     fleet.step(1, nodes=[])
     assert fleet.agg.state.current.phase == "labelling"
-    calibrated_event = next(e for e in fleet.events if e["event"] == "calibrated")
+    calibrated_event = fleet.event("calibrated")
     assert calibrated_event["nodes"] == ["n0", "n1"] and "n2" in calibrated_event["reason"]
     fleet.step()  # n2 answers the calibration late (ignored), then labels the new model
     assert fleet.agg.done
@@ -553,7 +553,7 @@ def test_a_node_that_misses_the_calibration_deadline_is_left_out_of_the_average(
     np.testing.assert_allclose(
         final.thetas, expected_thetas(fleet, first.thetas, ["n0", "n1"]), rtol=1e-6
     )
-    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    relabelled = fleet.event("relabelled")
     assert relabelled["nodes"] == ["n0", "n1", "n2"]  # n2's plain statistics count
     assert final.provenance.notes["calibrated"] == "80/2"
 
@@ -574,7 +574,7 @@ def test_nodes_that_run_no_calibration_pass_still_get_federated_labels(
     np.testing.assert_array_equal(final.thetas, first.thetas)
     assert "calibrate" not in final.provenance.notes
     assert "calibrated" not in final.provenance.notes
-    relabelled = next(e for e in fleet.events if e["event"] == "relabelled")
+    relabelled = fleet.event("relabelled")
     assert relabelled["nodes"] == ["n0", "n1", "n2"]
 
 
@@ -608,11 +608,7 @@ def test_bad_calibrations_are_rejected_and_the_round_completes(
     assert fleet.agg.state.label_reporters() == []
     fleet.step()
     assert fleet.agg.done
-    assert next(e for e in fleet.events if e["event"] == "calibrated")["nodes"] == [
-        "n0",
-        "n1",
-        "n2",
-    ]
+    assert fleet.event("calibrated")["nodes"] == ["n0", "n1", "n2"]
 
 
 def test_an_aggregator_restart_mid_calibration_keeps_the_thresholds_and_the_deadline(
@@ -628,16 +624,12 @@ def test_an_aggregator_restart_mid_calibration_keeps_the_thresholds_and_the_dead
     fleet.step(1, nodes=["n1"])  # retained while no aggregator listens
     fleet.clock.now += 60
     fleet.agg = fleet.new_aggregator()
-    resumed = next(e for e in fleet.events if e["event"] == "resumed")
+    resumed = fleet.event("resumed")
     assert resumed["phase"] == "calibrating" and resumed["labels_from"] == ["n0"]
     assert fleet.agg.state.current.label_deadline_unix == deadline
     fleet.step()
     assert fleet.agg.done
-    assert next(e for e in fleet.events if e["event"] == "calibrated")["nodes"] == [
-        "n0",
-        "n1",
-        "n2",
-    ]
+    assert fleet.event("calibrated")["nodes"] == ["n0", "n1", "n2"]
     assert all(t.calibrate_calls == [(1, 40)] for t in fleet.trainers.values())  # once each
 
 

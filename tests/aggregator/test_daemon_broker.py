@@ -233,6 +233,25 @@ def test_garbage_and_oversized_payloads_are_rejected_and_the_round_completes(
     rogue.transport.close()
 
 
+def _labels_from_the_shards(final, images, labels, shards, backend):
+    """What assign_labels gives on the spike counts of ``final`` over all the nodes' shards
+    together, each node's label pass seeded as LocalTrainer seeds it in round 1 (node seed
+    10 i, plus round, plus 1)."""
+    from edge_node.labels import assign_labels
+    from edge_node.workflow import spike_counts
+
+    counts = np.concatenate(
+        [
+            spike_counts(
+                final.weights, final.thetas, images[part], final.params, backend,
+                seed=10 * i + 1 + 1,
+            )
+            for i, part in enumerate(shards.values())
+        ]
+    )  # fmt: skip
+    return assign_labels(counts, np.concatenate([labels[part] for part in shards.values()]))
+
+
 def test_federated_labels_with_the_real_engine_equal_labels_from_all_the_images(
     broker_url: str, harness_for, mnist_dir: Path
 ) -> None:
@@ -242,8 +261,6 @@ def test_federated_labels_with_the_real_engine_equal_labels_from_all_the_images(
     three nodes' spike counts together (each node simulated with its own label-pass seed)."""
     from aggregator.daemon import default_merge
     from edge_node.daemon import LocalTrainer
-    from edge_node.labels import assign_labels
-    from edge_node.workflow import spike_counts
     from estdp import protocol
     from estdp.backend import resolve_backend
     from estdp.datasets import load_mnist
@@ -277,16 +294,7 @@ def test_federated_labels_with_the_real_engine_equal_labels_from_all_the_images(
         again = load_model(node.global_path)  # type: ignore[arg-type]
         np.testing.assert_array_equal(again.labels, final.labels)
         np.testing.assert_array_equal(again.weights, final.weights)
-    counts = np.concatenate(
-        [
-            spike_counts(
-                final.weights, final.thetas, images[part], final.params, backend,
-                seed=10 * i + 1 + 1,  # LocalTrainer: seed + round + 1
-            )
-            for i, part in enumerate(shards.values())
-        ]
-    )  # fmt: skip
-    want_labels, want_rates = assign_labels(counts, labels[:300])
+    want_labels, want_rates = _labels_from_the_shards(final, images, labels, shards, backend)
     np.testing.assert_array_equal(final.labels, want_labels)
     np.testing.assert_allclose(final.class_rates, want_rates, rtol=1e-6)
     relabelled = next(e for e in h.events if e["event"] == "relabelled")
@@ -303,8 +311,6 @@ def test_calibrated_thresholds_with_the_real_engine_are_the_nodes_weighted_avera
     measured with those thresholds."""
     from aggregator.daemon import default_merge
     from edge_node.daemon import LocalTrainer
-    from edge_node.labels import assign_labels
-    from edge_node.workflow import spike_counts
     from estdp import protocol
     from estdp.backend import resolve_backend
     from estdp.datasets import load_mnist
@@ -345,14 +351,5 @@ def test_calibrated_thresholds_with_the_real_engine_are_the_nodes_weighted_avera
     assert not np.allclose(final.thetas, merged.thetas)
     assert final.provenance.notes["calibrated"] == "220/3"
     assert protocol.global_labels(final) == protocol.LABELS_FEDERATED
-    counts = np.concatenate(
-        [
-            spike_counts(
-                final.weights, final.thetas, images[part], final.params, backend,
-                seed=10 * i + 1 + 1,  # LocalTrainer: seed + round + 1
-            )
-            for i, part in enumerate(shards.values())
-        ]
-    )  # fmt: skip
-    want_labels, _ = assign_labels(counts, labels[:300])
+    want_labels, _ = _labels_from_the_shards(final, images, labels, shards, backend)
     np.testing.assert_array_equal(final.labels, want_labels)
