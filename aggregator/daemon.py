@@ -63,7 +63,11 @@ The root aggregator is an unmodified aggregator with K = the number of sites. A 
 does no labelling of its own: its model goes upstream, not to its nodes. When the
 root's global model is provisional, the site relays the labelling: its nodes send their
 statistics to the site, which sums them (the sums pool exactly) and sends one
-LabelStats(<site-id>, r, ...) to the root, then passes the root's final model down. If the
+LabelStats(<site-id>, r, ...) to the root, then passes the root's final model down. A
+provisional model that asks for a calibration goes down with the request: the site
+relays its nodes' thresholds averaged (weighted by their calibration images) with the
+total of those images, so the root's average over sites is the average over all nodes,
+then passes the calibrated provisional model down and relays its labelling. If the
 root moves on while a site round is open (a newer root round is announced), the open
 round is pointed at it; if the root's global model for the round arrives before the
 site has forwarded (the root merged without this site), it is delivered all the same.
@@ -863,6 +867,9 @@ class AggregatorDaemon:
             self.done = True
             return
         stats = self.state.load_label_stats()
+        if self.upstream is not None:
+            self._relay_labels(stats, why)
+            return
         good = {n: s for n, s in stats.items() if s.thetas is not None}
         if not good:
             log.warning(
@@ -1056,8 +1063,10 @@ class AggregatorDaemon:
         current = self.state.current
         if current is None or current.phase == "merged":
             return
-        if current.phase == "labelling" and protocol.global_labels(message.model) == (
-            LABELS_PROVISIONAL
+        if (
+            current.phase in ("calibrating", "labelling")
+            and protocol.global_labels(message.model) == LABELS_PROVISIONAL
+            and parent_tag(message.model) == current.model_tag
         ):
             return  # the provisional model again (a root reconnect): already passed down
         if self._serves(message.session, message.round_id):
@@ -1132,9 +1141,11 @@ class AggregatorDaemon:
         """Publish the root's global model as the current site round's global model."""
         current = self.state.current
         assert current is not None
-        # A site relays label statistics but no thresholds: its nodes are not asked for a
-        # calibration, and the root labels from their statistics on the model as merged.
-        model = calibration.without_request(root.model)
+        labels = protocol.global_labels(root.model)
+        # A provisional model asking for a calibration goes down as it is: the site's
+        # nodes run the pass, and the site relays their averaged thresholds.
+        calibrate = protocol.requested_calibration(root.model)
+        model = root.model if calibrate else calibration.without_request(root.model)
         message = GlobalModel(
             current.round_id,
             model,
@@ -1144,8 +1155,9 @@ class AggregatorDaemon:
         )
         payload = protocol.encode(message, weight_encoding=self.config.weight_encoding)
         packets = self.channel.send(self.topics.global_model, payload, retain=True)
-        labels = protocol.global_labels(root.model)
-        if current.phase == "labelling":
+        if current.phase == "calibrating":
+            reason = "the root's calibrated model"
+        elif current.phase == "labelling":
             reason = "the root's final model"
         elif current.phase == "forwarded":
             reason = "root model"
@@ -1154,7 +1166,10 @@ class AggregatorDaemon:
         if labels == LABELS_PROVISIONAL:
             # The root asks for label statistics: relay our nodes' (see the module doc).
             deadline = self.clock() + self.config.label_deadline_s
-            self.state.mark_labelling(payload, model, root.contains, parent_tag(model), deadline)
+            phase = "calibrating" if calibrate else "labelling"
+            self.state.mark_labelling(
+                payload, model, root.contains, parent_tag(model), deadline, phase=phase
+            )
         else:
             self.state.mark_merged(payload, model, root.contains)
         log.info(
@@ -1176,16 +1191,30 @@ class AggregatorDaemon:
             bytes=len(payload),
             packets=packets,
             labels=labels,
+            **({"calibrate": calibrate} if calibrate else {}),
         )
         if labels != LABELS_PROVISIONAL:
             self._next_round()
 
     def _relay_labels(self, stats: dict[str, LabelStats], why: str) -> None:
         """Send the sum of the site's nodes' label statistics to the root (they pool
-        exactly: the root's sums over sites are the sums over all nodes)."""
+        exactly: the root's sums over sites are the sums over all nodes). Calibrating,
+        with their thresholds averaged, weighted by calibration images, and the total of
+        those images, so that the root's average over sites is the average over nodes."""
         assert self.config.upstream is not None
         current = self.state.current
         assert current is not None
+        thetas, calibration_images = None, 0
+        calibrated = {n: s for n, s in stats.items() if s.thetas is not None}
+        if current.phase == "calibrating" and calibrated:
+            model = self._labelling_model()
+            try:
+                if model is None:
+                    raise MergeError("no stored global model")
+                averaged = calibration.average_thetas(calibrated, model.n_neurons)
+                thetas, calibration_images = averaged.thetas, averaged.images
+            except MergeError as exc:  # checked as they came; a damaged state directory
+                log.error("round %d: the thresholds cannot be averaged: %s", current.round_id, exc)
         if not stats:
             log.warning(
                 "round %d: no label statistics from the site's nodes (%s); none relayed",
@@ -1201,6 +1230,8 @@ class AggregatorDaemon:
                 sum(s.class_counts for s in stats.values()),
                 sum(s.response_sums for s in stats.values()),
                 current.upstream_session,
+                thetas,
+                calibration_images,
             )
             payload = protocol.encode(message)
         self.state.mark_labels_relayed(payload)
@@ -1211,15 +1242,19 @@ class AggregatorDaemon:
             root_round=current.upstream_round,
             nodes=sorted(stats),
             images=sum(s.n_images for s in stats.values()),
+            calibration_images=calibration_images,
             reason=why,
         )
         root = self._root_global
         if (
             root is not None
             and self._serves(root.session, root.round_id)
-            and protocol.global_labels(root.model) != LABELS_PROVISIONAL
+            and (
+                protocol.global_labels(root.model) != LABELS_PROVISIONAL
+                or parent_tag(root.model) != current.model_tag
+            )
         ):
-            self._deliver(root)  # the root's final model came first
+            self._deliver(root)  # the root's next model came first
 
     def _send_relayed_labels(self) -> None:
         """(Re-)send the site's summed label statistics of the current round upstream."""
@@ -1242,7 +1277,7 @@ class AggregatorDaemon:
         self._site_status("training" if current and current.phase == "open" else "online")
         if current is not None and current.phase == "forwarded":
             self._send_forwarded()
-        if current is not None and current.phase == "labelling":
+        if current is not None and current.phase in ("calibrating", "labelling"):
             self._send_relayed_labels()
 
     def _site_status(

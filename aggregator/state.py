@@ -11,6 +11,7 @@ Layout of the state directory::
     rounds/<R>/global.estdp            the same model as a model file, for people
     rounds/<R>/forwarded.msg           a site aggregator's site model, as sent upstream
     rounds/<R>/labels-relayed.msg      a site's summed label statistics, as sent upstream
+    rounds/<R>/calibration-relayed.msg the same, of the calibrating phase (with thetas)
     rounds/<R>/site.estdp              the same site model as a model file
 
 Every file is written atomically (:mod:`estdp.atomic`): a crash leaves the old file or
@@ -300,18 +301,24 @@ class AggregatorState:
             "label statistics",
         )
 
+    def _relayed_file(self, round_id: int) -> Path:
+        phase = self.current.phase if self.current is not None else "labelling"
+        name = "calibration-relayed.msg" if phase == "calibrating" else "labels-relayed.msg"
+        return self.round_dir(round_id) / name
+
     def mark_labels_relayed(self, payload: bytes) -> None:
-        """Record the label statistics a site sent upstream for the current round (empty:
-        none to send); written before they are sent, so that a restart sends them again."""
+        """Record the label statistics a site sent upstream for the current round and
+        phase (empty: none to send); written before they are sent, so that a restart
+        sends them again."""
         if self.current is None:
             raise ConfigError("no round is open")
-        atomic_write_bytes(self.round_dir(self.current.round_id) / "labels-relayed.msg", payload)
+        atomic_write_bytes(self._relayed_file(self.current.round_id), payload)
 
     def relayed_labels_payload(self) -> bytes | None:
-        """The label statistics a site relayed upstream in the current round (b"" when it
-        had none), or None before it relayed."""
+        """The label statistics a site relayed upstream in the current round and phase
+        (b"" when it had none), or None before it relayed."""
         try:
-            return (self.round_dir(self.last_round_id) / "labels-relayed.msg").read_bytes()
+            return self._relayed_file(self.last_round_id).read_bytes()
         except OSError:
             return None
 

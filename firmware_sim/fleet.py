@@ -381,9 +381,8 @@ class Fleet:
             cfg.labels,
             "--label-deadline",
             f"{self.label_deadlines()[0]:g}",
-            # The sites relay label statistics but no thresholds (docs/merge.md).
-            "--calibrate-images",
-            str(0 if cfg.hierarchical else cfg.calibrate_images),
+            "--calibrate-images",  # in a hierarchy the sites relay their boards' passes
+            str(cfg.calibrate_images),
             "--deadline",
             f"{self.root_deadline():g}",
             "--state",

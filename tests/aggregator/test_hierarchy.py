@@ -8,6 +8,7 @@ runs the same daemons over a real broker.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ class Hierarchy:
         node.start()
         return node
 
-    def step(self, times: int = 6, nodes: tuple[str, ...] | None = None) -> None:
+    def step(self, times: int = 8, nodes: tuple[str, ...] | None = None) -> None:
         for _ in range(times):
             for nid, node in self.nodes.items():
                 if nodes is None or nid in nodes:
@@ -164,7 +165,7 @@ def test_two_rounds_follow_the_root_and_continue_from_its_model(
     tmp_path: Path, fake_trainer, merge_fn
 ) -> None:
     h = Hierarchy(tmp_path, fake_trainer, merge_fn, rounds=2)
-    h.step(12)
+    h.step(16)
     assert h.root.done and all(site.done for site in h.sites.values())
     assert [e["round"] for e in h.events["root"] if e["event"] == "global"] == [1, 2]
     assert all(node.installed_round == 2 for node in h.nodes.values())
@@ -205,8 +206,9 @@ def test_a_site_the_root_merged_without_still_delivers_the_root_model(
     h.root.config = AggregatorConfig(nodes=2, target=8, neurons_per_node=6, fleet=ROOT, min_nodes=1)
     h.step(nodes=SITES["site-a"])
     h.clock.now += 601
-    # Merge, pass the provisional model down, relay site-a's label statistics, pool.
-    h.step(4, nodes=SITES["site-a"])
+    # Merge, pass the provisional model down, relay site-a's calibration, publish the
+    # calibrated model, relay site-a's label statistics, pool.
+    h.step(6, nodes=SITES["site-a"])
     assert h.root.done
     relabelled = next(e for e in h.events["root"] if e["event"] == "relabelled")
     assert relabelled["nodes"] == ["site-a"]
@@ -283,25 +285,74 @@ def test_an_open_site_round_follows_the_root_to_a_newer_round(hierarchy: Hierarc
     assert sent.round_id == 2 and sent.node_id == "site-a"
 
 
-def test_a_root_asking_for_a_calibration_labels_from_its_sites_without_one(
-    hierarchy: Hierarchy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_root_asking_for_a_calibration_gets_it_through_its_sites(
+    hierarchy: Hierarchy, tmp_path: Path
 ) -> None:
-    """Sites relay label statistics but no thresholds: they pass the root's model down
-    without the request, so no board runs the pass, and the root (which asks, by
-    default) labels from the relayed statistics on the model as merged."""
+    """The sites pass the request down, average their boards' thresholds weighted by
+    calibration images and relay them with the total: the root's average over sites is
+    the average over every board, and the calibrated model goes down for the labels."""
     h = hierarchy
-    assert h.root.config.calibrate_images > 0
+    asked = h.root.config.calibrate_images
+    assert asked > 0
     h.step()
-    assert h.root.done
+    assert h.root.done and all(site.done for site in h.sites.values())
     kinds = h.kinds("root")
-    assert "calibrating" in kinds and "calibrated" not in kinds and "relabelled" in kinds
-    assert "no node calibrated the thresholds" in caplog.text
-    assert all(t.calibrate_calls == [] for t in h.trainers.values())
+    assert kinds.index("calibrating") < kinds.index("calibrated") < kinds.index("relabelled")
+    assert all(t.calibrate_calls == [(1, asked)] for t in h.trainers.values())
+    relayed = {
+        site: next(e for e in h.events[site] if e["event"] == "labels_relayed") for site in SITES
+    }
+    assert {s: e["calibration_images"] for s, e in relayed.items()} == {
+        site: 50 * len(nodes) for site, nodes in SITES.items()
+    }
     final = load_model(tmp_path / "root" / "rounds" / "1" / "global.estdp")
     assert protocol.global_labels(final) == protocol.LABELS_FEDERATED
-    assert "calibrate" not in final.provenance.notes
-    assert "calibrated" not in final.provenance.notes
-    for node in h.nodes.values():
+    assert final.provenance.notes["calibrated"] == "250/2"
+    # Every board measured its first statistics with its own calibrated thresholds, and
+    # their mean (equal images each) is what the root published.
+    calibrated = np.mean([t.thetas_measured[0] for t in h.trainers.values()], axis=0)
+    np.testing.assert_allclose(final.thetas, calibrated, rtol=1e-6)
+    for nid, node in h.nodes.items():
+        assert len(h.trainers[nid].thetas_measured) == 2  # calibrating, then labelling
+        np.testing.assert_array_equal(h.trainers[nid].thetas_measured[1], final.thetas)
         installed = load_model(node.global_path)
         np.testing.assert_array_equal(installed.thetas, final.thetas)
         assert "calibrate" not in installed.provenance.notes
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_a_site_restarted_while_calibrating_relays_its_calibration(
+    hierarchy: Hierarchy, tmp_path: Path, relayed: bool
+) -> None:
+    h = hierarchy
+    # Merged at the root and passed down: the sites collect their calibrations; one step
+    # more and they have relayed them (and the root has published the calibrated model).
+    h.step(4 if relayed else 3)
+    site = h.sites["site-a"]
+    assert site.state.current.phase == "calibrating"
+    assert (site.state.relayed_labels_payload() is not None) == relayed
+    site.upstream.transport.abort()
+    site.channel.transport.abort()
+    h.sites["site-a"] = h.new_site("site-a")  # same state directory
+    assert "resumed" in h.kinds("site-a")
+    h.step()
+    assert h.root.done and all(s.done for s in h.sites.values())
+    assert "calibrated" in h.kinds("root")
+    assert (tmp_path / "site-a" / "rounds" / "1" / "calibration-relayed.msg").exists()
+    final = load_model(tmp_path / "root" / "rounds" / "1" / "global.estdp")
+    assert final.provenance.notes["calibrated"] == "250/2"
+
+
+def test_sites_pass_a_model_without_a_calibration_request_straight_to_labelling(
+    tmp_path: Path, fake_trainer, merge_fn
+) -> None:
+    h = Hierarchy(tmp_path, fake_trainer, merge_fn)
+    h.root.config = dataclasses.replace(h.root.config, calibrate_images=0)
+    h.step()
+    assert h.root.done and all(site.done for site in h.sites.values())
+    assert "calibrating" not in h.kinds("root")
+    assert all(t.calibrate_calls == [] for t in h.trainers.values())
+    assert all("calibrating" not in h.kinds(site) for site in SITES)
+    final = load_model(tmp_path / "root" / "rounds" / "1" / "global.estdp")
+    assert protocol.global_labels(final) == protocol.LABELS_FEDERATED
+    assert "calibrated" not in final.provenance.notes

@@ -203,12 +203,14 @@ def test_the_calibration_reaches_the_root_aggregator_and_lengthens_the_label_dea
     slow_on = FleetConfig(run_dir=Path("x"), nodes=4, devices=nano, calibrate_images=3000)
     slow_off = FleetConfig(run_dir=Path("x"), nodes=4, devices=nano, calibrate_images=0)
     assert default_label_deadline(slow_on, 6000) > default_label_deadline(slow_off, 6000)
-    # Sites relay no thresholds: a hierarchy's root does not ask for them.
-    sites = FleetConfig(run_dir=Path("x"), nodes=4, devices=host, sites=2, deadline_s=600.0)
+    # The sites relay their boards' calibrations: a hierarchy's root asks for them too.
+    sites = FleetConfig(
+        run_dir=Path("x"), nodes=4, devices=host, sites=2, deadline_s=600.0, calibrate_images=700
+    )
     fleet = Fleet(sites)
     fleet._label_deadline_s = default_label_deadline(sites, 6000)
     fleet._deadline_s = 600.0
     argv = fleet.aggregator_argv()
-    assert argv[argv.index("--calibrate-images") + 1] == "0"
+    assert argv[argv.index("--calibrate-images") + 1] == "700"
     with pytest.raises(ConfigError, match="--calibrate-images"):
         FleetConfig(run_dir=Path("x"), calibrate_images=-1)
