@@ -321,16 +321,18 @@ def _labels_note(config: FleetConfig, outcome: FleetOutcome, last: int | None) -
     labels = outcome.global_labels.get(last) if last is not None else None
     metrics = outcome.global_metrics.get(last, {}) if last is not None else {}
     if labels == "federated":
+        # The root of a hierarchy hears from its sites, each relaying its boards' sums.
+        who = "sites' boards" if config.hierarchical else "boards"
         calibrated = ""
         if "calibration_images" in metrics:
             calibrated = (
-                f", after {int(metrics.get('calibration_nodes', 0))} boards re-measured its "
+                f", after {int(metrics.get('calibration_nodes', 0))} {who} re-measured its "
                 f"thresholds on {int(metrics['calibration_images'])} images "
                 "(--calibrate-images)"
             )
         return (
             "labels of the global model: federated (--labels federated): re-assigned from "
-            f"the spike counts of {int(metrics.get('label_nodes', 0))} boards on their "
+            f"the spike counts of {int(metrics.get('label_nodes', 0))} {who} on their "
             f"{int(metrics.get('label_images', 0))} labelled training images{calibrated}"
         )
     if config.labels == "federated":

@@ -90,9 +90,13 @@ def test_two_sites_forward_to_the_root_and_every_board_installs_its_model(
             # ... the final one, with the labels pooled over every board (relayed by the
             # sites), not the provisional one.
             np.testing.assert_array_equal(installed.labels, root_global.labels)
+            np.testing.assert_array_equal(installed.thetas, root_global.thetas)
             assert protocol.global_labels(installed) == protocol.LABELS_FEDERATED, node
     assert protocol.global_labels(root_global) == protocol.LABELS_FEDERATED
     assert results["rounds"][0]["labels"] == "federated"
     assert results["rounds"][0]["label_nodes"] == 2  # the two sites, each summing its boards
     assert results["rounds"][0]["label_images"] == 240
+    # The sites relayed their boards' threshold calibrations too (60 images each).
+    assert root_global.provenance.notes.get("calibrated") == "240/2"
+    assert results["rounds"][0]["calibration_images"] == 240
     assert seconds < 60, f"the two-site simulation took {seconds:.0f} s"
