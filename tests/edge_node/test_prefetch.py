@@ -60,6 +60,19 @@ def test_stream_items_are_the_in_process_draws(eager):
                 assert np.array_equal(getattr(prepared, name), array), name
 
 
+def test_an_item_kept_after_the_stream_ends_stays_readable(eager):
+    # Its arrays keep the mapping alive (np.frombuffer), instead of pointing at memory
+    # unmapped when the stream closed.
+    images = _images(prefetch.SLOTS + 1, seed=5).reshape(-1, 784)
+    with prefetch.Prefetcher(images, BINDSNET, np.random.default_rng(6)) as stream:
+        for item in stream:
+            drawn, prepared = item
+        copies = drawn.spikes.copy(), prepared.dep.copy()
+    assert stream._buf.closed is False  # the views hold it: unmapped when they go
+    assert np.array_equal(drawn.spikes, copies[0]) and np.array_equal(prepared.dep, copies[1])
+    del drawn, prepared, item
+
+
 def test_usable_only_without_re_presentations_and_for_long_runs(monkeypatch):
     monkeypatch.setattr(prefetch, "usable_cpus", lambda: 2)
     assert prefetch.usable(BINDSNET, prefetch.MIN_IMAGES)
