@@ -31,7 +31,7 @@ neuron, with ``Z[t] = sum_{s<=t} d^-s S[s-1]`` (the scaled cumulative input) and
 ``off = 0`` for a neuron never reset and
 ``off = d^-t_r u_reset - M[t_g - 1] + H[t_g - 1]`` for one last reset at ``t_r`` whose
 input is gated until ``t_g = t_r + refrac + 1``. ``Z`` grows with ``t`` and ``W >= 0``,
-so ``M`` at the end of a block of 8 steps bounds ``M`` over the block; one small product
+so ``M`` at the end of a block of 16 steps bounds ``M`` over the block; one small product
 ``Z[block ends] @ W`` (float32, with a relative safety factor) rules most neurons out of
 most blocks, and only the remaining candidates are evaluated exactly (float64).
 
@@ -78,7 +78,7 @@ from edge_node.encoding import Presentation
 from edge_node.network import decays, pick_winner
 from estdp.params import NetworkParams
 
-BLOCK = 8  # steps per block of the coarse bounds
+BLOCK = 16  # steps per block of the coarse bounds
 WINDOW = 32  # look-ahead after an event, in steps
 MAX_WINDOW = 64  # look-ahead cap while nothing happens
 CHUNK = 32  # rows of exact potentials computed at once for candidates
