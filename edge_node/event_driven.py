@@ -305,6 +305,7 @@ class _Inputs:
         self.s_dep = prepared.s_dep
         self._w_active: np.ndarray | None = None
         self._chunks: dict[int, np.ndarray] = {}
+        self._z_chunks: dict[int, np.ndarray] = {}
 
     @property
     def w_active(self) -> np.ndarray:
@@ -325,13 +326,31 @@ class _Inputs:
         c = a // CHUNK
         rows = self._chunks.get(c)
         if rows is None:
+            rows = self._z_chunk(c) @ self.w_active
+            self._chunks[c] = rows
+        return rows[a - c * CHUNK : end - c * CHUNK + 1]
+
+    def m_cols(self, a: int, end: int, cols: np.ndarray) -> np.ndarray:
+        """Exact ``M[a..end]`` (rows, len(cols)) of the neurons ``cols``; from the cached
+        rows of the chunk if it has them, else for these columns only (candidates are
+        a tenth of the layer after the first spike)."""
+        c = a // CHUNK
+        lo = c * CHUNK
+        rows = self._chunks.get(c)
+        if rows is not None:
+            return rows[a - lo : end - lo + 1, cols]
+        return self._z_chunk(c)[a - lo : end - lo + 1] @ self.w_active[:, cols]
+
+    def _z_chunk(self, c: int) -> np.ndarray:
+        """Exact ``Z`` over chunk ``c`` (rows, K), cached."""
+        z = self._z_chunks.get(c)
+        if z is None:
             lo = c * CHUNK
             hi = min(lo + CHUNK, self.tab.steps)
             tri = self.tab.tri[: hi - lo, : hi - lo] * self.tab.dneg[lo:hi]
             z = tri @ self.shifted[lo:hi] + self.z(lo - 1) if lo else tri @ self.shifted[lo:hi]
-            rows = z @ self.w_active
-            self._chunks[c] = rows
-        return rows[a - c * CHUNK : end - c * CHUNK + 1]
+            self._z_chunks[c] = z
+        return z
 
     def m_at(self, t: int, cols: list[int]) -> np.ndarray:
         """Exact ``M[t]`` of the neurons ``cols`` (start-of-presentation weights)."""
@@ -448,7 +467,7 @@ def present(
                 lead_c = inputs.m_rows(a, end) + off
                 lead_c -= np.multiply.outer(rth_w, theta_p)
             else:
-                lead_c = inputs.m_rows(a, end)[:, cand]
+                lead_c = inputs.m_cols(a, end, cand)
                 lead_c += off[cand]
                 lead_c -= np.multiply.outer(rth_w, theta_p[cand])
             lead_c -= cd_w[:, None]
