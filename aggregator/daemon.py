@@ -867,10 +867,11 @@ class AggregatorDaemon:
             self.done = True
             return
         stats = self.state.load_label_stats()
-        if self.upstream is not None:
-            self._relay_labels(stats, why)
-            return
         good = {n: s for n, s in stats.items() if s.thetas is not None}
+        made = self._calibrate(model, good) if good else None
+        if self.upstream is not None:
+            self._relay_labels(stats, why, made[0] if made else None)
+            return
         if not good:
             log.warning(
                 "round %d: no node calibrated the thresholds (%s); labels from the model as merged",
@@ -879,13 +880,10 @@ class AggregatorDaemon:
             )
             self._finish_labelling(why)
             return
-        try:
-            averaged = calibration.average_thetas(good, model.n_neurons)
-            tuned = calibration.calibrated(model, averaged)
-        except MergeError as exc:  # checked as they came; a damaged state directory
-            log.error("round %d: the thresholds cannot be averaged: %s", current.round_id, exc)
+        if made is None:
             self._finish_labelling(why)
             return
+        averaged, tuned = made
         if parent_tag(tuned) == current.model_tag:
             # The nodes would not answer the same model again: its statistics are these.
             self._finish_labelling(why)
@@ -930,6 +928,20 @@ class AggregatorDaemon:
             expected=list(provisional.contains),
             deadline_unix=round(deadline, 3),
         )
+
+    def _calibrate(
+        self, model: SubModel, calibrated: dict[str, LabelStats]
+    ) -> tuple[calibration.AveragedThetas, SubModel] | None:
+        """The nodes' calibrated thresholds averaged, and ``model`` with them; None
+        (logged) if they cannot be."""
+        current = self.state.current
+        assert current is not None
+        try:
+            averaged = calibration.average_thetas(calibrated, model.n_neurons)
+            return averaged, calibration.calibrated(model, averaged)
+        except MergeError as exc:  # checked as they came; a damaged state directory
+            log.error("round %d: the thresholds cannot be averaged: %s", current.round_id, exc)
+            return None
 
     def _finish_labelling(self, why: str) -> None:
         """Pool the stored statistics into the global model's labels and publish it again
@@ -1196,25 +1208,21 @@ class AggregatorDaemon:
         if labels != LABELS_PROVISIONAL:
             self._next_round()
 
-    def _relay_labels(self, stats: dict[str, LabelStats], why: str) -> None:
+    def _relay_labels(
+        self,
+        stats: dict[str, LabelStats],
+        why: str,
+        averaged: calibration.AveragedThetas | None = None,
+    ) -> None:
         """Send the sum of the site's nodes' label statistics to the root (they pool
         exactly: the root's sums over sites are the sums over all nodes). Calibrating,
-        with their thresholds averaged, weighted by calibration images, and the total of
-        those images, so that the root's average over sites is the average over nodes."""
+        with their thresholds ``averaged`` (weighted by calibration images) and the total
+        of those images, so that the root's average over sites is the average over nodes."""
         assert self.config.upstream is not None
         current = self.state.current
         assert current is not None
-        thetas, calibration_images = None, 0
-        calibrated = {n: s for n, s in stats.items() if s.thetas is not None}
-        if current.phase == "calibrating" and calibrated:
-            model = self._labelling_model()
-            try:
-                if model is None:
-                    raise MergeError("no stored global model")
-                averaged = calibration.average_thetas(calibrated, model.n_neurons)
-                thetas, calibration_images = averaged.thetas, averaged.images
-            except MergeError as exc:  # checked as they came; a damaged state directory
-                log.error("round %d: the thresholds cannot be averaged: %s", current.round_id, exc)
+        thetas = averaged.thetas if averaged is not None else None
+        calibration_images = averaged.images if averaged is not None else 0
         if not stats:
             log.warning(
                 "round %d: no label statistics from the site's nodes (%s); none relayed",
