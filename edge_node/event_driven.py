@@ -105,7 +105,8 @@ class Tables(NamedTuple):
     rth: np.ndarray  # (T,) g^(t+1) d^-t: theta' -> scaled threshold offset
     lampow: np.ndarray  # (T+1,) lam^t
     laminv: np.ndarray  # (T,) lam^-t
-    laminv_shifted: np.ndarray  # (T+2,) lam^-(t-1), 0 at t = 0 and t = T+1 (padding)
+    nu_post_lampow: np.ndarray  # (T,) nu_post lam^t: potentiation per unit of lam^-s trace
+    nu_pre: float
     ginv: np.ndarray  # (T,) g^-(t+1)
     g_total: float  # g^T
     hstep: np.ndarray  # (T+2,) inh_strength d^-t, inhibition landing at t
@@ -139,9 +140,8 @@ def tables(params: NetworkParams) -> Tables:
         rth=rth,
         lampow=np.exp(-t[: steps + 1] * (params.dt / params.tc_trace)),
         laminv=np.exp(t[:steps] * (params.dt / params.tc_trace)),
-        laminv_shifted=np.concatenate(
-            ([0.0], np.exp(t[:steps] * (params.dt / params.tc_trace)), [0.0])
-        ),
+        nu_post_lampow=params.nu_post * np.exp(-t[:steps] * (params.dt / params.tc_trace)),
+        nu_pre=params.nu_pre,
         ginv=np.exp(-(t[:steps] + 1) * math.log(dec.theta)),
         g_total=dec.theta**steps,
         hstep=params.inh_strength * dneg,
@@ -253,7 +253,7 @@ class Prepared(NamedTuple):
 
     shifted: np.ndarray  # (T+2, K) shifted[t] = S[t-1], zero rows of padding
     dep: np.ndarray  # (T+1, K) D[t] = sum_{s<t} lam^s S[s], the depression integral
-    traced: np.ndarray  # (T+2, K) lam^-(t-1) S[t-1]
+    change: np.ndarray  # (T, K) STDP change of the weights of a neuron spiking at t
     s_dep: np.ndarray  # (T+1,) S[t-1] . D[t]
     z_blocks: np.ndarray  # (nb, K) float32 Z at block ends: sum_{s <= end} d^-s S[s-1]
 
@@ -278,12 +278,16 @@ def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
     if n_chunks > 1:
         terms[1:] += _accumulate(terms[:-1, -1], axis=0)[:, None]
     dep = buf[: steps + 1]
-    # An input trace after step t is lam^t times the largest entry of its column of
-    # ``traced`` so far (a spike sets the trace to 1).
-    traced = shifted * tab.laminv_shifted[:, None]
+    # A spike at t potentiates by the input traces after step t, lam^t max_{s<=t}
+    # lam^-s S[s] (a spike sets its trace to 1), and depresses by that step's input
+    # spikes (its own trace is 1 then): the same row for every neuron spiking at t.
+    change = shifted[1 : steps + 1] * tab.laminv[:, None]
+    np.maximum.accumulate(change, axis=0, out=change)
+    change *= tab.nu_post_lampow[:, None]
+    change -= shifted[1 : steps + 1] * tab.nu_pre
     s_dep = np.einsum("tk,tk->t", shifted[: steps + 1], dep)
     z_blocks = _accumulate(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
-    return Prepared(shifted, dep, traced, s_dep, z_blocks)
+    return Prepared(shifted, dep, change, s_dep, z_blocks)
 
 
 class _Inputs:
@@ -301,7 +305,7 @@ class _Inputs:
         self.weights = weights
         self.shifted = prepared.shifted
         self.dep = prepared.dep
-        self.traced = prepared.traced
+        self.change = prepared.change
         self.s_dep = prepared.s_dep
         self._w_active: np.ndarray | None = None
         self._chunks: dict[int, np.ndarray] = {}
@@ -410,9 +414,7 @@ def present(
     shifted = inputs.shifted
     dep_all = inputs.dep
     s_dep_all = inputs.s_dep
-    traced = inputs.traced
-    x_max = np.zeros(k)  # max_{s < x_upto} lam^-s S[s]; x_in after t is lam^t x_max
-    x_upto = 0
+    stdp_change = inputs.change
     # M at block ends, an upper bound of M over each block (float32 plus slack).
     m_blocks = (prepared.z_blocks @ weights32[active]).astype(np.float64) * (1.0 + _SAFETY)
 
@@ -505,7 +507,7 @@ def present(
         # Events inside the window, in time order.
         pos = 0
         stop = rows
-        new_dirty: list[tuple[int, np.ndarray | None, float]] = []
+        new_dirty: list[tuple[int, np.ndarray | None, float]] = []  # (id, anchor, rate)
         while pos < stop:
             hits = best[pos:stop] >= hw[pos:stop]
             i = int(hits.argmax())
@@ -538,23 +540,20 @@ def present(
             gate = t + refrac + 1
             # STDP of each spiking neuron: depression by this step's input spikes (its
             # trace is now 1), potentiation by the input traces, one clip.
-            if x_upto <= t:
-                np.maximum(x_max, _max(traced[x_upto + 1 : t + 2], axis=0), out=x_max)
-                x_upto = t + 1
-            change = x_max * (params.nu_post * tab.lampow[t])
-            change -= shifted[t + 1] * params.nu_pre
+            change = stdp_change[t]
             rate = params.nu_pre * tab.laminv[t]
             for j in winners:
                 counts[j] += 1
             tail = first + 1
             for j in above_c:
-                w_new = None
+                anchor = None
                 if j in winners:
                     w_new = inputs.w_active[:, j] + change
                     np.minimum(w_new, w_max, out=w_new)  # the floor: see below
+                    anchor = w_new + rate * dep_all[t + 1]
                 else:
                     pending[j] = (gate, reset_u)
-                new_dirty.append((j, w_new, rate))
+                new_dirty.append((j, anchor, rate))
                 off[j] = -np.inf
             if above_c:
                 bounds.drop(above_c)
@@ -627,11 +626,11 @@ def present(
                 if g > te:  # still refractory: its reset value
                     u_end[row] = tab.dneg[g - refrac - 1] * tab.u_reset
             dirty.u[:] = u_end
-        for j, w_new, rate in new_dirty:
-            if w_new is not None:
+        for j, anchor, rate in new_dirty:
+            if anchor is not None:
                 dirty.add(
                     j,
-                    w_new + rate * dep_all[a + stop],
+                    anchor,
                     rate,
                     tab.dneg[a + last] * tab.u_reset,
                     theta_p[j],

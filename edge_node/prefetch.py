@@ -75,7 +75,7 @@ class _Layout:
             "spikes": (np.bool_, lambda k: (steps, k)),
             "shifted": (np.float64, lambda k: (steps + 2, k)),
             "dep": (np.float64, lambda k: (steps + 1, k)),
-            "traced": (np.float64, lambda k: (steps + 2, k)),
+            "change": (np.float64, lambda k: (steps, k)),
             "s_dep": (np.float64, lambda k: (steps + 1,)),
             "z_blocks": (np.float32, lambda k: (n_blocks, k)),
         }
