@@ -103,7 +103,6 @@ class Tables(NamedTuple):
     dneg: np.ndarray  # (T+2,) d^-t
     cdneg: np.ndarray  # (T,) c d^-t
     rth: np.ndarray  # (T,) g^(t+1) d^-t: theta' -> scaled threshold offset
-    lampow: np.ndarray  # (T+1,) lam^t
     laminv: np.ndarray  # (T,) lam^-t
     nu_post_lampow: np.ndarray  # (T,) nu_post lam^t: potentiation per unit of lam^-s trace
     nu_pre: float
@@ -114,7 +113,10 @@ class Tables(NamedTuple):
     block_start_rth: np.ndarray  # (nb,) rth at block starts
     block_end_rth: np.ndarray  # (nb,) rth at block ends
     block_cdneg: np.ndarray  # (nb,) cdneg at block starts
-    tri: np.ndarray  # (CHUNK, CHUNK) lower-triangular ones, diagonal included
+    # (n_chunks, CHUNK, CHUNK) lower-triangular (diagonal included), column s of chunk c
+    # scaled by lam^s and by d^-s for the chunk's steps s: cumulative sums as products.
+    tri_lam: np.ndarray
+    tri_dneg: np.ndarray
 
 
 def tables(params: NetworkParams) -> Tables:
@@ -138,7 +140,6 @@ def tables(params: NetworkParams) -> Tables:
         dneg=dneg,
         cdneg=c * dneg[:steps],
         rth=rth,
-        lampow=np.exp(-t[: steps + 1] * (params.dt / params.tc_trace)),
         laminv=np.exp(t[:steps] * (params.dt / params.tc_trace)),
         nu_post_lampow=params.nu_post * np.exp(-t[:steps] * (params.dt / params.tc_trace)),
         nu_pre=params.nu_pre,
@@ -149,8 +150,16 @@ def tables(params: NetworkParams) -> Tables:
         block_start_rth=rth[starts],
         block_end_rth=rth[ends],
         block_cdneg=c * dneg[starts],
-        tri=np.tril(np.ones((CHUNK, CHUNK))),
+        tri_lam=_scaled_triangles(np.exp(-t[:steps] * (params.dt / params.tc_trace))),
+        tri_dneg=_scaled_triangles(dneg[:steps]),
     )
+
+
+def _scaled_triangles(scale: np.ndarray) -> np.ndarray:
+    n_chunks = -(-scale.size // CHUNK)
+    padded = np.zeros(n_chunks * CHUNK)
+    padded[: scale.size] = scale
+    return np.tril(np.ones((CHUNK, CHUNK))) * padded.reshape(n_chunks, 1, CHUNK)
 
 
 def supported(params: NetworkParams, thetas: np.ndarray) -> bool:
@@ -266,15 +275,16 @@ def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
     """
     steps = tab.steps
     k = spikes.shape[1]
-    shifted = np.zeros((steps + 2, k))
-    shifted[1 : steps + 1] = spikes
-    # D within chunks of CHUNK steps by one triangular product each (a cumsum down the
-    # columns of a C-ordered array is several times slower), then chunk offsets.
-    n_chunks = -(-steps // CHUNK)
+    n_chunks = tab.tri_lam.shape[0]
+    padded = np.zeros((max(steps + 2, n_chunks * CHUNK + 1), k))
+    padded[1 : steps + 1] = spikes
+    shifted = padded[: steps + 2]
+    # D within chunks of CHUNK steps by one product each with the triangle scaled by
+    # lam^s (a cumsum down the columns of a C-ordered array is several times slower,
+    # and so is scaling its rows), then chunk offsets.
     buf = np.zeros((n_chunks * CHUNK + 1, k))
     terms = buf[1:].reshape(n_chunks, CHUNK, k)
-    np.multiply(shifted[1 : steps + 1], tab.lampow[:steps, None], out=buf[1 : steps + 1])
-    np.matmul(tab.tri, terms.copy(), out=terms)
+    np.matmul(tab.tri_lam, padded[1 : n_chunks * CHUNK + 1].reshape(n_chunks, CHUNK, k), out=terms)
     if n_chunks > 1:
         terms[1:] += _accumulate(terms[:-1, -1], axis=0)[:, None]
     dep = buf[: steps + 1]
@@ -351,7 +361,7 @@ class _Inputs:
         if z is None:
             lo = c * CHUNK
             hi = min(lo + CHUNK, self.tab.steps)
-            tri = self.tab.tri[: hi - lo, : hi - lo] * self.tab.dneg[lo:hi]
+            tri = self.tab.tri_dneg[c, : hi - lo, : hi - lo]
             z = tri @ self.shifted[lo:hi] + self.z(lo - 1) if lo else tri @ self.shifted[lo:hi]
             self._z_chunks[c] = z
         return z
