@@ -265,6 +265,7 @@ class Prepared(NamedTuple):
     change: np.ndarray  # (T, K) STDP change of the weights of a neuron spiking at t
     s_dep: np.ndarray  # (T+1,) S[t-1] . D[t]
     z_blocks: np.ndarray  # (nb, K) float32 Z at block ends: sum_{s <= end} d^-s S[s-1]
+    z_first: np.ndarray  # (min(CHUNK, T), K) exact Z over the first chunk (every image's)
 
 
 def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
@@ -297,7 +298,9 @@ def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
     change -= shifted[1 : steps + 1] * tab.nu_pre
     s_dep = np.einsum("tk,tk->t", shifted[: steps + 1], dep)
     z_blocks = _accumulate(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
-    return Prepared(shifted, dep, change, s_dep, z_blocks)
+    first = min(CHUNK, steps)
+    z_first = tab.tri_dneg[0, :first, :first] @ shifted[:first]
+    return Prepared(shifted, dep, change, s_dep, z_blocks, z_first)
 
 
 class _Inputs:
@@ -319,7 +322,7 @@ class _Inputs:
         self.s_dep = prepared.s_dep
         self._w_active: np.ndarray | None = None
         self._chunks: dict[int, np.ndarray] = {}
-        self._z_chunks: dict[int, np.ndarray] = {}
+        self._z_chunks: dict[int, np.ndarray] = {0: prepared.z_first}
 
     @property
     def w_active(self) -> np.ndarray:
@@ -362,7 +365,7 @@ class _Inputs:
             lo = c * CHUNK
             hi = min(lo + CHUNK, self.tab.steps)
             tri = self.tab.tri_dneg[c, : hi - lo, : hi - lo]
-            z = tri @ self.shifted[lo:hi] + self.z(lo - 1) if lo else tri @ self.shifted[lo:hi]
+            z = tri @ self.shifted[lo:hi] + self.z(lo - 1)  # chunk 0: prepare's
             self._z_chunks[c] = z
         return z
 

@@ -78,6 +78,7 @@ class _Layout:
             "change": (np.float64, lambda k: (steps, k)),
             "s_dep": (np.float64, lambda k: (steps + 1,)),
             "z_blocks": (np.float32, lambda k: (n_blocks, k)),
+            "z_first": (np.float64, lambda k: (min(event_driven.CHUNK, steps), k)),
         }
         self.shapes = shapes
         self.offsets: dict[str, int] = {}
