@@ -133,6 +133,7 @@ def tables(params: NetworkParams) -> Tables:
     blocks[rows // BLOCK, rows] = dneg[:steps]
     starts = np.arange(n_blocks) * BLOCK
     ends = np.minimum(starts + BLOCK - 1, steps - 1)
+    lampow = np.exp(-t[:steps] * (params.dt / params.tc_trace))
     return Tables(
         steps=steps,
         c=c,
@@ -141,7 +142,7 @@ def tables(params: NetworkParams) -> Tables:
         cdneg=c * dneg[:steps],
         rth=rth,
         laminv=np.exp(t[:steps] * (params.dt / params.tc_trace)),
-        nu_post_lampow=params.nu_post * np.exp(-t[:steps] * (params.dt / params.tc_trace)),
+        nu_post_lampow=params.nu_post * lampow,
         nu_pre=params.nu_pre,
         ginv=np.exp(-(t[:steps] + 1) * math.log(dec.theta)),
         g_total=dec.theta**steps,
@@ -150,7 +151,7 @@ def tables(params: NetworkParams) -> Tables:
         block_start_rth=rth[starts],
         block_end_rth=rth[ends],
         block_cdneg=c * dneg[starts],
-        tri_lam=_scaled_triangles(np.exp(-t[:steps] * (params.dt / params.tc_trace))),
+        tri_lam=_scaled_triangles(lampow),
         tri_dneg=_scaled_triangles(dneg[:steps]),
     )
 
@@ -298,9 +299,17 @@ def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
     change -= shifted[1 : steps + 1] * tab.nu_pre
     s_dep = np.einsum("tk,tk->t", shifted[: steps + 1], dep)
     z_blocks = _accumulate(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
-    first = min(CHUNK, steps)
-    z_first = tab.tri_dneg[0, :first, :first] @ shifted[:first]
-    return Prepared(shifted, dep, change, s_dep, z_blocks, z_first)
+    return Prepared(shifted, dep, change, s_dep, z_blocks, _chunk_z(shifted, tab, 0))
+
+
+def _chunk_z(shifted: np.ndarray, tab: Tables, c: int) -> np.ndarray:
+    """Exact ``Z`` over chunk ``c`` of CHUNK steps (rows, K); ``shifted``: :class:`Prepared`'s."""
+    lo = c * CHUNK
+    hi = min(lo + CHUNK, tab.steps)
+    z = tab.tri_dneg[c, : hi - lo, : hi - lo] @ shifted[lo:hi]
+    if lo:
+        z += tab.dneg[:lo] @ shifted[:lo]  # Z[lo - 1]
+    return z
 
 
 class _Inputs:
@@ -359,14 +368,10 @@ class _Inputs:
         return self._z_chunk(c)[a - lo : end - lo + 1] @ self.w_active[:, cols]
 
     def _z_chunk(self, c: int) -> np.ndarray:
-        """Exact ``Z`` over chunk ``c`` (rows, K), cached."""
+        """Exact ``Z`` over chunk ``c`` (rows, K), cached (chunk 0 made by :func:`prepare`)."""
         z = self._z_chunks.get(c)
         if z is None:
-            lo = c * CHUNK
-            hi = min(lo + CHUNK, self.tab.steps)
-            tri = self.tab.tri_dneg[c, : hi - lo, : hi - lo]
-            z = tri @ self.shifted[lo:hi] + self.z(lo - 1)  # chunk 0: prepare's
-            self._z_chunks[c] = z
+            z = self._z_chunks[c] = _chunk_z(self.shifted, self.tab, c)
         return z
 
     def m_at(self, t: int, cols: list[int]) -> np.ndarray:
