@@ -76,7 +76,7 @@ class _Layout:
             "shifted": (np.float64, lambda k: (steps + 2, k)),
             "dep": (np.float64, lambda k: (steps + 1, k)),
             "change": (np.float64, lambda k: (steps, k)),
-            "s_dep": (np.float64, lambda k: (steps + 1,)),
+            "drive": (np.float64, lambda k: (steps + 2, k + 3)),
             "z_blocks": (np.float32, lambda k: (n_blocks, k)),
             "z_first": (np.float64, lambda k: (min(event_driven.CHUNK, steps), k)),
         }
