@@ -204,7 +204,7 @@ class _Dirty:
         self.index: list[int] = []  # neuron ids
         self.gate: list[int] = []  # first step whose input is not gated
         self._rows = np.zeros((capacity, k + 3))
-        self._u = np.zeros(capacity)
+        self._lead = np.zeros(capacity)
         self._view(0)
 
     def _view(self, n: int) -> None:
@@ -213,17 +213,18 @@ class _Dirty:
         self.anchor = self._rows[:n, :k]  # (nd, K) weights + rate * D[t], for any t
         self.rate = self._rows[:n, k]  # nu_pre lam^-t_p: depression per unit of lam^s S[s]
         self.theta = self._rows[:n, k + 1]  # theta' (mirror of the layer's array)
-        self.u = self._u[:n]  # scaled potentials
+        # U + H - Th at the step before the next window (a gated row: from its reset)
+        self.lead = self._lead[:n]
 
-    def add(self, j: int, w: np.ndarray, rate: float, u: float, theta: float, gate: int) -> None:
+    def add(self, j: int, w: np.ndarray, rate: float, lead: float, theta: float, gate: int) -> None:
         n = len(self.index)
         if n == self._rows.shape[0]:
             self._rows = np.concatenate((self._rows, np.zeros_like(self._rows)))
-            self._u = np.concatenate((self._u, np.zeros_like(self._u)))
+            self._lead = np.concatenate((self._lead, np.zeros_like(self._lead)))
         k = self._rows.shape[1] - 3
         self._rows[n, :k] = w
         self._rows[n, k:] = (rate, theta, 1.0)
-        self._u[n] = u
+        self._lead[n] = lead
         self.index.append(j)
         self.gate.append(gate)
         self._view(n + 1)
@@ -533,16 +534,15 @@ def present(
                 drive -= np.multiply.outer(dirty.theta, tab.rth_step[a : end + 1])
                 drive -= tab.cd_step[a : end + 1]
             # lead = U + H - threshold of the dirty neurons, a cumulative sum of the drive
-            # from U[a-1] + H[a-1] - Th[a-1] (a >= 1: nobody is dirty at step 0), -inf
-            # while gated: a row gated until q starts from its reset value, H[q - 1] and
-            # Th[q - 1].
-            drive[:, 0] += dirty.u + h_before - dirty.theta * tab.rth[a - 1] - tab.cdneg[a - 1]
+            # from the lead at a - 1, -inf while gated: a row gated until q starts from its
+            # reset value, H[q - 1] and Th[q - 1].
+            drive[:, 0] += dirty.lead
             lead_d = _accumulate(drive, axis=1)
             for row, gate in enumerate(dirty.gate):
                 if gate > a:
                     q = gate - a
                     if q < rows:
-                        start = dirty.u[row] + hw[q - 1]
+                        start = tab.dneg[gate - refrac - 1] * tab.u_reset + hw[q - 1]
                         start -= tab.cdneg[gate - 1] + dirty.theta[row] * tab.rth[gate - 1]
                         lead_d[row, q:] += start - lead_d[row, q - 1]
                     lead_d[row, :q] = -np.inf
@@ -625,8 +625,9 @@ def present(
                     if q < stop:
                         drive[row, q:stop] -= increment * tab.rth_step[gate : last + 1]
                 else:
+                    anchor = dirty.anchor[row]
                     w_new = dep_all[t] * -dirty.rate[row]
-                    w_new += dirty.anchor[row]
+                    w_new += anchor
                     np.maximum(w_new, w_min, out=w_new)  # weights after step t-1
                     w_new += change
                     # No floor here: every later use of these weights takes
@@ -634,9 +635,8 @@ def present(
                     # clip(w + change, w_min, w_max) (w_min <= w_max).
                     np.minimum(w_new, w_max, out=w_new)
                     # From step t + 1 its weights are w_new - rate (D[s] - D[t + 1]).
-                    anchor = dep_all[t + 1] * rate
+                    np.multiply(dep_all[t + 1], rate, out=anchor)
                     anchor += w_new
-                    dirty.anchor[row] = anchor
                     dirty.rate[row] = rate
                     if q < stop:  # its drive once the gate opens, to the window's end
                         out = drive[row, q:stop]
@@ -654,8 +654,9 @@ def present(
                     lead_row = lead_d[row]
                     if q < stop:
                         lead = _accumulate(drive[row, q:stop], out=lead_row[q:stop])
-                        lead += reset_u + hw[q - 1]
-                        lead -= tab.cdneg[gate - 1] + dirty.theta[row] * tab.rth[gate - 1]
+                        lead += (reset_u + hw[q - 1]) - (
+                            tab.cdneg[gate - 1] + dirty.theta[row] * tab.rth[gate - 1]
+                        )
                     lead_row[tail : min(q, stop)] = -np.inf
             if leads_changed and tail < stop:
                 np.maximum.reduce(lead_d[:, tail:stop], axis=0, out=best_d[tail:stop])
@@ -665,25 +666,20 @@ def present(
 
         # Carry the state over to step a + stop.
         last = stop - 1
+        te = a + last
         if nd:
-            te = a + last
-            u_end = lead_d[:, last] - hw[last]
-            u_end += dirty.theta * tab.rth[te]
-            u_end += tab.cdneg[te]
+            dirty.lead[:] = lead_d[:, last]
             for row, g in enumerate(dirty.gate):
-                if g > te:  # still refractory: its reset value
-                    u_end[row] = tab.dneg[g - refrac - 1] * tab.u_reset
-            dirty.u[:] = u_end
+                if g > te:  # still refractory: from its reset value
+                    dirty.lead[row] = (tab.dneg[g - refrac - 1] * tab.u_reset + hw[last]) - (
+                        tab.cdneg[te] + dirty.theta[row] * tab.rth[te]
+                    )
         for j, anchor, rate in new_dirty:
             if anchor is not None:
-                dirty.add(
-                    j,
-                    anchor,
-                    rate,
-                    tab.dneg[a + last] * tab.u_reset,
-                    theta_p[j],
-                    a + stop + refrac,
+                lead = (tab.dneg[te] * tab.u_reset + hw[last]) - (
+                    tab.cdneg[te] + theta_p[j] * tab.rth[te]
                 )
+                dirty.add(j, anchor, rate, lead, theta_p[j], a + stop + refrac)
         h_before = float(hw[last])
         window = WINDOW if stop < rows or pos > 0 else min(2 * window, MAX_WINDOW)
         a += stop
