@@ -107,6 +107,7 @@ class Tables(NamedTuple):
     # to t (t = 0 from the formula's t = -1): its c and theta' parts
     cd_step: np.ndarray
     rth_step: np.ndarray
+    th_basis: np.ndarray  # (T, 3) [-rth, -cdneg, 1]: times [theta', 1, off], lead - M
     laminv: np.ndarray  # (T,) lam^-t
     nu_post_lampow: np.ndarray  # (T,) nu_post lam^t: potentiation per unit of lam^-s trace
     nu_pre: float
@@ -150,6 +151,7 @@ def tables(params: NetworkParams) -> Tables:
         rth=rth,
         cd_step=c * np.diff(dneg_from),
         rth_step=np.diff(rth_from),
+        th_basis=np.stack((-rth, -c * dneg[:steps], np.ones(steps)), axis=1),
         laminv=np.exp(t[:steps] * (params.dt / params.tc_trace)),
         nu_post_lampow=params.nu_post * lampow,
         nu_pre=params.nu_pre,
@@ -284,7 +286,7 @@ class Prepared(NamedTuple):
     # row of _Dirty.augmented, a dirty neuron's scaled input at t less its threshold's step
     drive: np.ndarray
     z_blocks: np.ndarray  # (nb, K) float32 Z at block ends: sum_{s <= end} d^-s S[s-1]
-    z_first: np.ndarray  # (min(CHUNK, T), K) exact Z over the first chunk (every image's)
+    z_first: np.ndarray  # (min(CHUNK, T), K + 3) _chunk_z of the first chunk (every image's)
 
 
 def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
@@ -328,12 +330,17 @@ def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
 
 
 def _chunk_z(shifted: np.ndarray, tab: Tables, c: int) -> np.ndarray:
-    """Exact ``Z`` over chunk ``c`` of CHUNK steps (rows, K); ``shifted``: :class:`Prepared`'s."""
+    """Exact ``Z`` over chunk ``c`` of CHUNK steps beside ``tab.th_basis``: (rows, K + 3),
+    so that its product with a column of :attr:`_Inputs.w_aug` is that neuron's lead
+    less H; ``shifted``: :class:`Prepared`'s."""
     lo = c * CHUNK
     hi = min(lo + CHUNK, tab.steps)
-    z = tab.tri_dneg[c, : hi - lo, : hi - lo] @ shifted[lo:hi]
+    k = shifted.shape[1]
+    z = np.empty((hi - lo, k + 3))
+    np.matmul(tab.tri_dneg[c, : hi - lo, : hi - lo], shifted[lo:hi], out=z[:, :k])
     if lo:
-        z += tab.dneg[:lo] @ shifted[:lo]  # Z[lo - 1]
+        z[:, :k] += tab.dneg[:lo] @ shifted[:lo]  # Z[lo - 1]
+    z[:, k:] = tab.th_basis[lo:hi]
     return z
 
 
@@ -342,57 +349,70 @@ class _Inputs:
 
     Everything the dirty neurons need from the input spikes alone is computed once per
     presentation (:class:`Prepared`), so that a window costs slices, not products.
+    The neurons that have not spiked are followed through :attr:`w_aug`, whose last
+    three rows are the layer's ``theta'``, ones and offsets, updated in place: times
+    a row of ``[Z, th_basis]`` (:func:`_chunk_z`), a column is that neuron's lead
+    less H, ``M + off - Th``.
     """
 
     def __init__(
-        self, prepared: Prepared, active: np.ndarray, weights: np.ndarray, tab: Tables
+        self,
+        prepared: Prepared,
+        active: np.ndarray,
+        weights: np.ndarray,
+        thetas: np.ndarray,
+        tab: Tables,
     ) -> None:
         self.tab = tab
-        self.active = active
-        self.weights = weights
         self.shifted = prepared.shifted
         self.dep = prepared.dep
         self.change = prepared.change
-        self._w_active: np.ndarray | None = None
+        k = active.size
+        self.w_aug = np.empty((k + 3, weights.shape[1]))
+        # mode="clip": with the default, take() buffers its output (the indices are valid)
+        np.take(weights, active, axis=0, out=self.w_aug[:k], mode="clip")
+        self.w_aug[k] = thetas
+        self.w_aug[k + 1 :] = ((1.0,), (0.0,))
+        self.w_active = self.w_aug[:k]  # (K, N) weights at the start of the presentation
+        self.theta_p = self.w_aug[k]  # theta' of the layer: theta[t] = theta' g^(t+1)
+        self.off = self.w_aug[k + 2]  # offsets of U = M - H + off (module docstring)
         self._chunks: dict[int, np.ndarray] = {}
         self._z_chunks: dict[int, np.ndarray] = {0: prepared.z_first}
-
-    @property
-    def w_active(self) -> np.ndarray:
-        """(K, N) float64 weights of the active pixels at the start of the presentation."""
-        if self._w_active is None:
-            self._w_active = self.weights[self.active]
-        return self._w_active
 
     def z(self, t: int) -> np.ndarray:
         """Exact ``Z[t] = sum_{s<=t} d^-s S[s-1]`` (K,)."""
         return self.tab.dneg[: t + 1] @ self.shifted[: t + 1]
 
-    def m_rows(self, a: int, end: int) -> np.ndarray:
-        """Exact ``M[a..end]`` (rows, N) for the start-of-presentation weights.
+    def lead_rows(self, a: int, end: int) -> np.ndarray:
+        """``M + off - Th`` over ``a..end`` (rows, N), every neuron.
 
-        ``a`` and ``end`` must lie in one chunk of ``CHUNK`` steps; chunks are cached.
+        ``a`` and ``end`` must lie in one chunk of ``CHUNK`` steps; the chunk's exact
+        ``M`` rows are cached (start-of-presentation weights).
         """
         c = a // CHUNK
         rows = self._chunks.get(c)
         if rows is None:
-            rows = self._z_chunk(c) @ self.w_active
-            self._chunks[c] = rows
-        return rows[a - c * CHUNK : end - c * CHUNK + 1]
+            z = self._z_chunk(c)
+            rows = self._chunks[c] = z[:, :-3] @ self.w_active
+        lead = self.tab.th_basis[a : end + 1] @ self.w_aug[-3:]
+        lead += rows[a - c * CHUNK : end - c * CHUNK + 1]
+        return lead
 
-    def m_cols(self, a: int, end: int, cols: np.ndarray) -> np.ndarray:
-        """Exact ``M[a..end]`` (rows, len(cols)) of the neurons ``cols``; from the cached
-        rows of the chunk if it has them, else for these columns only (candidates are
-        a tenth of the layer after the first spike)."""
+    def lead_cols(self, a: int, end: int, cols: np.ndarray) -> np.ndarray:
+        """``M + off - Th`` over ``a..end`` (rows, len(cols)) of the neurons ``cols``;
+        from the cached ``M`` rows of the chunk if it has them, else one product for
+        these columns only (candidates are a tenth of the layer after the first spike)."""
         c = a // CHUNK
         lo = c * CHUNK
         rows = self._chunks.get(c)
         if rows is not None:
-            return rows[a - lo : end - lo + 1, cols]
-        return self._z_chunk(c)[a - lo : end - lo + 1] @ self.w_active[:, cols]
+            lead = self.tab.th_basis[a : end + 1] @ self.w_aug[-3:, cols]
+            lead += rows[a - lo : end - lo + 1, cols]
+            return lead
+        return self._z_chunk(c)[a - lo : end - lo + 1] @ self.w_aug[:, cols]
 
     def _z_chunk(self, c: int) -> np.ndarray:
-        """Exact ``Z`` over chunk ``c`` (rows, K), cached (chunk 0 made by :func:`prepare`)."""
+        """:func:`_chunk_z` of chunk ``c``, cached (chunk 0 made by :func:`prepare`)."""
         z = self._z_chunks.get(c)
         if z is None:
             z = self._z_chunks[c] = _chunk_z(self.shifted, self.tab, c)
@@ -452,7 +472,7 @@ def present(
 
     if prepared is None:
         prepared = prepare(presentation.spikes, tab)
-    inputs = _Inputs(prepared, active, weights, tab)
+    inputs = _Inputs(prepared, active, weights, thetas, tab)
     shifted = inputs.shifted
     dep_all = inputs.dep
     drive_in = prepared.drive
@@ -460,8 +480,8 @@ def present(
     # M at block ends, an upper bound of M over each block (float32 plus slack).
     m_blocks = (prepared.z_blocks @ weights32[active]).astype(np.float64) * (1.0 + _SAFETY)
 
-    theta_p = np.array(thetas, dtype=np.float64)  # theta[t] = theta' g^(t+1)
-    off = np.zeros(n)
+    theta_p = inputs.theta_p  # theta[t] = theta' g^(t+1)
+    off = inputs.off
     bounds = _Bounds(m_blocks, theta_p, tab)
     pending: dict[int, tuple[int, float]] = {}  # reset, not dirty: neuron -> (gate, U)
     dirty = _Dirty(k)
@@ -502,19 +522,13 @@ def present(
         hw = _accumulate(hinc[a : end + 1])
         hw += h_before
         dneg_w = tab.dneg[a : end + 1]
-        rth_w = tab.rth[a : end + 1]
-        cd_w = tab.cdneg[a : end + 1]
         if cand.size:
             # lead = U + H - threshold of the candidates, exact, (rows, n_cand); their
             # inputs do not change in this window (a crossing of theirs ends it).
             if cand is everyone:
-                lead_c = inputs.m_rows(a, end) + off
-                lead_c -= np.multiply.outer(rth_w, theta_p)
+                lead_c = inputs.lead_rows(a, end)
             else:
-                lead_c = inputs.m_cols(a, end, cand)
-                lead_c += off[cand]
-                lead_c -= np.multiply.outer(rth_w, theta_p[cand])
-            lead_c -= cd_w[:, None]
+                lead_c = inputs.lead_cols(a, end, cand)
             best = best_c = _max(lead_c, axis=1)
         if nd:
             s_win = shifted[a : end + 1]

@@ -78,7 +78,7 @@ class _Layout:
             "change": (np.float64, lambda k: (steps, k)),
             "drive": (np.float64, lambda k: (steps + 2, k + 3)),
             "z_blocks": (np.float32, lambda k: (n_blocks, k)),
-            "z_first": (np.float64, lambda k: (min(event_driven.CHUNK, steps), k)),
+            "z_first": (np.float64, lambda k: (min(event_driven.CHUNK, steps), k + 3)),
         }
         self.shapes = shapes
         self.offsets: dict[str, int] = {}
