@@ -119,9 +119,10 @@ class Tables(NamedTuple):
     block_end_rth: np.ndarray  # (nb,) rth at block ends
     block_cdneg: np.ndarray  # (nb,) cdneg at block starts
     # (n_chunks, CHUNK, CHUNK) lower-triangular (diagonal included), column s of chunk c
-    # scaled by lam^s and by d^-s for the chunk's steps s: cumulative sums as products.
+    # scaled by lam^s for the chunk's steps s: cumulative sums as products.
     tri_lam: np.ndarray
-    tri_dneg: np.ndarray
+    tri: np.ndarray  # (CHUNK, CHUNK) lower-triangular ones
+    ones: np.ndarray  # (T+2,)
 
 
 def tables(params: NetworkParams) -> Tables:
@@ -163,7 +164,8 @@ def tables(params: NetworkParams) -> Tables:
         block_end_rth=rth[ends],
         block_cdneg=c * dneg[starts],
         tri_lam=_scaled_triangles(lampow),
-        tri_dneg=_scaled_triangles(dneg[:steps]),
+        tri=np.tril(np.ones((CHUNK, CHUNK))),
+        ones=np.ones(steps + 2),
     )
 
 
@@ -279,7 +281,6 @@ class _Bounds:
 class Prepared(NamedTuple):
     """The per-presentation arrays that depend on the input spikes alone (:func:`prepare`)."""
 
-    shifted: np.ndarray  # (T+2, K) shifted[t] = S[t-1], zero rows of padding
     dep: np.ndarray  # (T+1, K) D[t] = sum_{s<t} lam^s S[s], the depression integral
     change: np.ndarray  # (T, K) STDP change of the weights of a neuron spiking at t
     # (T+2, K+3) [d^-t S[t-1], -d^-t S[t-1].D[t], -rth_step[t], -cd_step[t]]: times a
@@ -326,20 +327,20 @@ def prepare(spikes: np.ndarray, tab: Tables) -> Prepared:
     np.negative(tab.rth_step, out=drive[:, k + 1])
     np.negative(tab.cd_step, out=drive[:, k + 2])
     z_blocks = _accumulate(tab.blocks @ shifted[:steps].astype(np.float32), axis=0)
-    return Prepared(shifted, dep, change, drive, z_blocks, _chunk_z(shifted, tab, 0))
+    return Prepared(dep, change, drive, z_blocks, _chunk_z(drive, tab, 0))
 
 
-def _chunk_z(shifted: np.ndarray, tab: Tables, c: int) -> np.ndarray:
+def _chunk_z(drive: np.ndarray, tab: Tables, c: int) -> np.ndarray:
     """Exact ``Z`` over chunk ``c`` of CHUNK steps beside ``tab.th_basis``: (rows, K + 3),
     so that its product with a column of :attr:`_Inputs.w_aug` is that neuron's lead
-    less H; ``shifted``: :class:`Prepared`'s."""
+    less H; ``drive``: :attr:`Prepared.drive`, whose first K columns are ``d^-t S[t-1]``."""
     lo = c * CHUNK
     hi = min(lo + CHUNK, tab.steps)
-    k = shifted.shape[1]
+    k = drive.shape[1] - 3
     z = np.empty((hi - lo, k + 3))
-    np.matmul(tab.tri_dneg[c, : hi - lo, : hi - lo], shifted[lo:hi], out=z[:, :k])
+    np.matmul(tab.tri[: hi - lo, : hi - lo], drive[lo:hi, :k], out=z[:, :k])
     if lo:
-        z[:, :k] += tab.dneg[:lo] @ shifted[:lo]  # Z[lo - 1]
+        z[:, :k] += tab.ones[:lo] @ drive[:lo, :k]  # Z[lo - 1]
     z[:, k:] = tab.th_basis[lo:hi]
     return z
 
@@ -364,7 +365,7 @@ class _Inputs:
         tab: Tables,
     ) -> None:
         self.tab = tab
-        self.shifted = prepared.shifted
+        self.drive = prepared.drive
         self.dep = prepared.dep
         self.change = prepared.change
         k = active.size
@@ -381,7 +382,7 @@ class _Inputs:
 
     def z(self, t: int) -> np.ndarray:
         """Exact ``Z[t] = sum_{s<=t} d^-s S[s-1]`` (K,)."""
-        return self.tab.dneg[: t + 1] @ self.shifted[: t + 1]
+        return self.tab.ones[: t + 1] @ self.drive[: t + 1, :-3]
 
     def lead_rows(self, a: int, end: int) -> np.ndarray:
         """``M + off - Th`` over ``a..end`` (rows, N), every neuron.
@@ -415,7 +416,7 @@ class _Inputs:
         """:func:`_chunk_z` of chunk ``c``, cached (chunk 0 made by :func:`prepare`)."""
         z = self._z_chunks.get(c)
         if z is None:
-            z = self._z_chunks[c] = _chunk_z(self.shifted, self.tab, c)
+            z = self._z_chunks[c] = _chunk_z(self.drive, self.tab, c)
         return z
 
     def m_at(self, t: int, cols: list[int]) -> np.ndarray:
@@ -473,7 +474,6 @@ def present(
     if prepared is None:
         prepared = prepare(presentation.spikes, tab)
     inputs = _Inputs(prepared, active, weights, thetas, tab)
-    shifted = inputs.shifted
     dep_all = inputs.dep
     drive_in = prepared.drive
     stdp_change = inputs.change
@@ -521,7 +521,6 @@ def present(
         # hw[i] = H[a + i]: a neuron integrating at a + i crosses when lead[i] >= hw[i].
         hw = _accumulate(hinc[a : end + 1])
         hw += h_before
-        dneg_w = tab.dneg[a : end + 1]
         if cand.size:
             # lead = U + H - threshold of the candidates, exact, (rows, n_cand); their
             # inputs do not change in this window (a crossing of theirs ends it).
@@ -531,7 +530,7 @@ def present(
                 lead_c = inputs.lead_cols(a, end, cand)
             best = best_c = _max(lead_c, axis=1)
         if nd:
-            s_win = shifted[a : end + 1]
+            s_win = drive_in[a : end + 1, :k]  # d^-s S[s-1]
             lowest = dirty.anchor - np.multiply.outer(dirty.rate, dep_all[end])
             linear = _min(lowest, axis=None) >= w_min
             if linear:
@@ -544,7 +543,6 @@ def present(
                 np.subtract(dirty.anchor[:, None, :], w_now, out=w_now)
                 np.maximum(w_now, w_min, out=w_now)
                 drive = np.matmul(w_now[:, :, None, :], s_win[:, :, None])[:, :, 0, 0]
-                drive *= dneg_w
                 drive -= np.multiply.outer(dirty.theta, tab.rth_step[a : end + 1])
                 drive -= tab.cd_step[a : end + 1]
             # lead = U + H - threshold of the dirty neurons, a cumulative sum of the drive
@@ -661,7 +659,6 @@ def present(
                             w_row += anchor
                             np.maximum(w_row, w_min, out=w_row)
                             np.einsum("tk,tk->t", w_row, s_win[q:stop], out=out)
-                            out *= dneg_w[q:stop]
                             out -= dirty.theta[row] * tab.rth_step[gate : last + 1]
                             out -= tab.cd_step[gate : last + 1]
                 if tail < stop:

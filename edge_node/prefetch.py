@@ -73,7 +73,6 @@ class _Layout:
             "active": (np.int64, lambda k: (k,)),
             "choices": (np.float64, lambda k: (steps,)),
             "spikes": (np.bool_, lambda k: (steps, k)),
-            "shifted": (np.float64, lambda k: (steps + 2, k)),
             "dep": (np.float64, lambda k: (steps + 1, k)),
             "change": (np.float64, lambda k: (steps, k)),
             "drive": (np.float64, lambda k: (steps + 2, k + 3)),
