@@ -184,7 +184,7 @@ def supported(params: NetworkParams, thetas: np.ndarray) -> bool:
     ends), and a reset potential below every threshold (no crossing while refractory).
     """
     c = params.v_thresh - params.v_rest
-    lowest = c + min(0.0, float(np.min(thetas))) if thetas.size else c
+    lowest = c + min(0.0, float(_min(thetas))) if thetas.size else c
     return (
         params.refrac >= 2
         and params.inh_strength >= 0.0
@@ -478,7 +478,8 @@ def present(
     drive_in = prepared.drive
     stdp_change = inputs.change
     # M at block ends, an upper bound of M over each block (float32 plus slack).
-    m_blocks = (prepared.z_blocks @ weights32[active]).astype(np.float64) * (1.0 + _SAFETY)
+    m_blocks = prepared.z_blocks @ np.take(weights32, active, axis=0, mode="clip")
+    m_blocks = np.multiply(m_blocks, 1.0 + _SAFETY, dtype=np.float64)
 
     theta_p = inputs.theta_p  # theta[t] = theta' g^(t+1)
     off = inputs.off
@@ -700,8 +701,9 @@ def present(
         wlin = dirty.anchor - np.multiply.outer(dirty.rate, dep_all[steps])
         final = np.maximum(w_min, wlin).T
         cols = np.array(dirty.index)
-        weights[np.ix_(active, cols)] = final
-        weights32[np.ix_(active, cols)] = final
+        where = np.ix_(active, cols)
+        weights[where] = final
+        weights32[where] = final
     return theta_p * tab.g_total, counts, np.array(dirty.index, dtype=np.int64)
 
 
