@@ -136,3 +136,11 @@ def event_driven_presentation(rng):
     from edge_node.encoding import draw_presentation
 
     return draw_presentation(_images(1, seed=18)[0], BINDSNET, rng)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 31, 250, 350])
+def test_cumulative_max_equals_numpy_accumulate(rows):
+    rng = np.random.default_rng(rows)
+    x = np.where(rng.random((rows, 7)) < 0.1, rng.random((rows, 7)) * 1e3, 0.0)
+    expected = np.maximum.accumulate(x, axis=0)
+    assert np.array_equal(event_driven._cumulative_max(x.copy()), expected)
