@@ -80,6 +80,7 @@ from estdp.params import NetworkParams
 
 BLOCK = 16  # steps per block of the coarse bounds
 WINDOW = 32  # look-ahead after an event, in steps
+FIRST_WINDOW = 16  # look-ahead from step 0: the first spike comes within 6-12 steps
 MAX_WINDOW = 64  # look-ahead cap while nothing happens
 CHUNK = 32  # rows of exact potentials computed at once for candidates
 _SAFETY = 1e-3  # relative slack on float32 bounds: > (T + blocks + K) * 2**-24, with room
@@ -392,7 +393,6 @@ class _Inputs:
         self.w_active = self.w_aug[:k]  # (K, N) weights at the start of the presentation
         self.theta_p = self.w_aug[k]  # theta' of the layer: theta[t] = theta' g^(t+1)
         self.off = self.w_aug[k + 2]  # offsets of U = M - H + off (module docstring)
-        self._chunks: dict[int, np.ndarray] = {}
         self._z_chunks: dict[int, np.ndarray] = {0: prepared.z_first}
 
     def z(self, t: int) -> np.ndarray:
@@ -400,32 +400,15 @@ class _Inputs:
         return self.tab.ones[: t + 1] @ self.drive[: t + 1, :-3]
 
     def lead_rows(self, a: int, end: int) -> np.ndarray:
-        """``M + off - Th`` over ``a..end`` (rows, N), every neuron.
-
-        ``a`` and ``end`` must lie in one chunk of ``CHUNK`` steps; the chunk's exact
-        ``M`` rows are cached (start-of-presentation weights).
-        """
-        c = a // CHUNK
-        rows = self._chunks.get(c)
-        if rows is None:
-            z = self._z_chunk(c)
-            rows = self._chunks[c] = z[:, :-3] @ self.w_active
-        lead = self.tab.th_basis[a : end + 1] @ self.w_aug[-3:]
-        lead += rows[a - c * CHUNK : end - c * CHUNK + 1]
-        return lead
+        """``M + off - Th`` over ``a..end`` (rows, N), every neuron, in one product;
+        ``a`` and ``end`` must lie in one chunk of ``CHUNK`` steps."""
+        lo = a // CHUNK * CHUNK
+        return self._z_chunk(a // CHUNK)[a - lo : end - lo + 1] @ self.w_aug
 
     def lead_cols(self, a: int, end: int, cols: np.ndarray) -> np.ndarray:
-        """``M + off - Th`` over ``a..end`` (rows, len(cols)) of the neurons ``cols``;
-        from the cached ``M`` rows of the chunk if it has them, else one product for
-        these columns only (candidates are a tenth of the layer after the first spike)."""
-        c = a // CHUNK
-        lo = c * CHUNK
-        rows = self._chunks.get(c)
-        if rows is not None:
-            lead = self.tab.th_basis[a : end + 1] @ self.w_aug[-3:, cols]
-            lead += rows[a - lo : end - lo + 1, cols]
-            return lead
-        return self._z_chunk(c)[a - lo : end - lo + 1] @ self.w_aug[:, cols]
+        """``M + off - Th`` over ``a..end`` (rows, len(cols)) of the neurons ``cols``."""
+        lo = a // CHUNK * CHUNK
+        return self._z_chunk(a // CHUNK)[a - lo : end - lo + 1] @ self.w_aug[:, cols]
 
     def _z_chunk(self, c: int) -> np.ndarray:
         """:func:`_chunk_z` of chunk ``c``, cached (chunk 0 made by :func:`prepare`)."""
@@ -436,10 +419,9 @@ class _Inputs:
 
     def m_at(self, t: int, cols: list[int]) -> np.ndarray:
         """Exact ``M[t]`` of the neurons ``cols`` (start-of-presentation weights)."""
-        rows = self._chunks.get(t // CHUNK)
-        if rows is not None:
-            return rows[t % CHUNK, cols]
-        return self.z(t) @ self.w_active[:, cols]
+        z = self._z_chunks.get(t // CHUNK)
+        z_t = z[t % CHUNK, :-3] if z is not None else self.z(t)
+        return z_t @ self.w_active[:, cols]
 
 
 def present(
@@ -508,7 +490,7 @@ def present(
     no_cand = np.zeros(0, dtype=np.int64)
     everyone = np.arange(n)
     a = 0
-    window = WINDOW
+    window = FIRST_WINDOW
     while a < steps:
         if pending and min(g for g, _ in pending.values()) <= a:
             _open_gates(pending, a, off, theta_p, bounds, inputs, h_before)
@@ -521,6 +503,10 @@ def present(
             cand = no_cand
         elif a < CHUNK and not h_at_a:
             cand = everyone  # before the first spike most neurons are: skip the selection
+            # up to the first inhibition's landing, after which most are not
+            landing = hinc[a + 1 : end + 1].nonzero()[0]
+            if landing.size:
+                end = a + int(landing[0])
         else:
             cand = bounds.candidates(b0, b1, h_at_a)
         nd = len(dirty.index)
