@@ -93,6 +93,7 @@ _accumulate = np.add.accumulate
 _add = np.add.reduce
 _max = np.maximum.reduce
 _min = np.minimum.reduce
+_dot = np.dot  # ~0.3 us less per call than matmul (@) on these small operands
 
 
 class Tables(NamedTuple):
@@ -403,12 +404,12 @@ class _Inputs:
         """``M + off - Th`` over ``a..end`` (rows, N), every neuron, in one product;
         ``a`` and ``end`` must lie in one chunk of ``CHUNK`` steps."""
         lo = a // CHUNK * CHUNK
-        return self._z_chunk(a // CHUNK)[a - lo : end - lo + 1] @ self.w_aug
+        return _dot(self._z_chunk(a // CHUNK)[a - lo : end - lo + 1], self.w_aug)
 
     def lead_cols(self, a: int, end: int, cols: np.ndarray) -> np.ndarray:
         """``M + off - Th`` over ``a..end`` (rows, len(cols)) of the neurons ``cols``."""
         lo = a // CHUNK * CHUNK
-        return self._z_chunk(a // CHUNK)[a - lo : end - lo + 1] @ self.w_aug[:, cols]
+        return _dot(self._z_chunk(a // CHUNK)[a - lo : end - lo + 1], self.w_aug[:, cols])
 
     def _z_chunk(self, c: int) -> np.ndarray:
         """:func:`_chunk_z` of chunk ``c``, cached (chunk 0 made by :func:`prepare`)."""
@@ -421,7 +422,7 @@ class _Inputs:
         """Exact ``M[t]`` of the neurons ``cols`` (start-of-presentation weights)."""
         z = self._z_chunks.get(t // CHUNK)
         z_t = z[t % CHUNK, :-3] if z is not None else self.z(t)
-        return z_t @ self.w_active[:, cols]
+        return _dot(z_t, self.w_active[:, cols])
 
 
 def present(
@@ -475,7 +476,7 @@ def present(
     drive_in = prepared.drive
     stdp_change = inputs.change
     # M at block ends, an upper bound of M over each block (float32 plus slack).
-    m_blocks = prepared.z_blocks @ np.take(weights32, active, axis=0, mode="clip")
+    m_blocks = _dot(prepared.z_blocks, np.take(weights32, active, axis=0, mode="clip"))
     m_blocks = np.multiply(m_blocks, 1.0 + _SAFETY, dtype=np.float64)
 
     theta_p = inputs.theta_p  # theta[t] = theta' g^(t+1)
@@ -539,7 +540,7 @@ def present(
                 # No weight reaches w_min in the window, so the clip is idle and the
                 # input is linear in the depression, S.anchor - rate * S.D: the drive
                 # (scaled input less the threshold's step) is one product.
-                drive = dirty.augmented @ drive_in[a : end + 1].T
+                drive = _dot(dirty.augmented, drive_in[a : end + 1].T)
             else:
                 w_now = np.multiply.outer(dirty.rate, dep_all[a : end + 1])  # (nd, rows, K)
                 np.subtract(dirty.anchor[:, None, :], w_now, out=w_now)
@@ -655,7 +656,7 @@ def present(
                     if q < stop:  # its drive once the gate opens, to the window's end
                         out = drive[row, q:stop]
                         if _min(anchor - rate * dep_all[last]) >= w_min:  # no clip: linear
-                            np.matmul(drive_in[gate : last + 1], dirty.augmented[row], out=out)
+                            _dot(drive_in[gate : last + 1], dirty.augmented[row], out=out)
                         else:
                             w_row = dep_all[gate : last + 1] * -rate
                             w_row += anchor
