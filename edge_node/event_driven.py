@@ -96,26 +96,33 @@ _min = np.minimum.reduce
 _dot = np.dot  # ~0.3 us less per call than matmul (@) on these small operands
 
 
+class StepScalars(NamedTuple):
+    """Per-step constants as Python floats, for the event loop, which reads them one at
+    a time: a list item and arithmetic on it cost less than a NumPy scalar's."""
+
+    theta_increment: list[float]  # theta_plus g^-(t+1): theta' added by a reset at t
+    reset_u: list[float]  # d^-t u_reset: scaled potential after a reset at t
+    rate: list[float]  # nu_pre lam^-t: depression rate of a spike at t
+    inhibition: list[float]  # (T+2) inh_strength d^-t: inhibition landing at t
+    cdneg: list[float]  # c d^-t
+    rth: list[float]  # g^(t+1) d^-t
+
+
 class Tables(NamedTuple):
     """Per-parameter-set constants of the event-driven path (see :func:`tables`)."""
 
     steps: int
-    c: float  # v_thresh - v_rest
-    u_reset: float  # v_reset - v_rest
     dneg: np.ndarray  # (T+2,) d^-t
-    cdneg: np.ndarray  # (T,) c d^-t
-    rth: np.ndarray  # (T,) g^(t+1) d^-t: theta' -> scaled threshold offset
     # (T+2,) the steps of the scaled threshold Th[t] = c d^-t + theta' rth[t] from t-1
     # to t (t = 0 from the formula's t = -1): its c and theta' parts
     cd_step: np.ndarray
     rth_step: np.ndarray
-    th_basis: np.ndarray  # (T, 3) [-rth, -cdneg, 1]: times [theta', 1, off], lead - M
+    # (T, 3) [-rth, -c d^-t, 1] (rth = g^(t+1) d^-t): times [theta', 1, off], lead - M
+    th_basis: np.ndarray
     laminv: np.ndarray  # (T,) lam^-t
     nu_post_lampow: np.ndarray  # (T,) nu_post lam^t: potentiation per unit of lam^-s trace
     nu_pre: float
-    ginv: np.ndarray  # (T,) g^-(t+1)
     g_total: float  # g^T
-    hstep: np.ndarray  # (T+2,) inh_strength d^-t, inhibition landing at t
     blocks: np.ndarray  # (nb, T) float32, row b sums d^-s Ss[s] over block b
     block_start_rth: np.ndarray  # (nb,) rth at block starts
     block_end_rth: np.ndarray  # (nb,) rth at block ends
@@ -125,6 +132,7 @@ class Tables(NamedTuple):
     tri_lam: np.ndarray
     tri: np.ndarray  # (CHUNK, CHUNK) lower-triangular ones
     ones: np.ndarray  # (T+2,)
+    at: StepScalars
 
 
 def tables(params: NetworkParams) -> Tables:
@@ -145,22 +153,27 @@ def tables(params: NetworkParams) -> Tables:
     starts = np.arange(n_blocks) * BLOCK
     ends = np.minimum(starts + BLOCK - 1, steps - 1)
     lampow = np.exp(-t[:steps] * (params.dt / params.tc_trace))
+    laminv = np.exp(t[:steps] * (params.dt / params.tc_trace))
+    ginv = np.exp(-(t[:steps] + 1) * math.log(dec.theta))
+    u_reset = params.v_reset - params.v_rest
+    at = StepScalars(
+        theta_increment=(params.theta_plus * ginv).tolist(),
+        reset_u=(dneg[:steps] * u_reset).tolist(),
+        rate=(params.nu_pre * laminv).tolist(),
+        inhibition=(params.inh_strength * dneg).tolist(),
+        cdneg=(c * dneg[:steps]).tolist(),
+        rth=rth.tolist(),
+    )
     return Tables(
         steps=steps,
-        c=c,
-        u_reset=params.v_reset - params.v_rest,
         dneg=dneg,
-        cdneg=c * dneg[:steps],
-        rth=rth,
         cd_step=c * np.diff(dneg_from),
         rth_step=np.diff(rth_from),
         th_basis=np.stack((-rth, -c * dneg[:steps], np.ones(steps)), axis=1),
-        laminv=np.exp(t[:steps] * (params.dt / params.tc_trace)),
+        laminv=laminv,
         nu_post_lampow=params.nu_post * lampow,
         nu_pre=params.nu_pre,
-        ginv=np.exp(-(t[:steps] + 1) * math.log(dec.theta)),
         g_total=dec.theta**steps,
-        hstep=params.inh_strength * dneg,
         blocks=blocks,
         block_start_rth=rth[starts],
         block_end_rth=rth[ends],
@@ -168,6 +181,7 @@ def tables(params: NetworkParams) -> Tables:
         tri_lam=_scaled_triangles(lampow),
         tri=np.tril(np.ones((CHUNK, CHUNK))),
         ones=np.ones(steps + 2),
+        at=at,
     )
 
 
@@ -488,6 +502,7 @@ def present(
     h_before = 0.0  # H[a-1]
     w_min, w_max = params.w_min, params.w_max
     refrac = params.refrac
+    at = tab.at
     no_cand = np.zeros(0, dtype=np.int64)
     everyone = np.arange(n)
     a = 0
@@ -557,8 +572,8 @@ def present(
                 if gate > a:
                     q = gate - a
                     if q < rows:
-                        start = tab.dneg[gate - refrac - 1] * tab.u_reset + hw[q - 1]
-                        start -= tab.cdneg[gate - 1] + dirty.theta[row] * tab.rth[gate - 1]
+                        start = at.reset_u[gate - refrac - 1] + hw[q - 1]
+                        start -= at.cdneg[gate - 1] + dirty.theta[row] * at.rth[gate - 1]
                         lead_d[row, q:] += start - lead_d[row, q - 1]
                     lead_d[row, :q] = -np.inf
             best_d = _max(lead_d, axis=0)
@@ -593,15 +608,15 @@ def present(
                 winners = ids
             else:
                 winners = [pick_winner(ids, presentation.choices[t])]
-            increment = params.theta_plus * tab.ginv[t]
+            increment = at.theta_increment[t]
             for j in ids:
                 theta_p[j] += increment
-            reset_u = tab.dneg[t] * tab.u_reset
+            reset_u = at.reset_u[t]
             gate = t + refrac + 1
             # STDP of each spiking neuron: depression by this step's input spikes (its
             # trace is now 1), potentiation by the input traces, one clip.
             change = stdp_change[t]
-            rate = params.nu_pre * tab.laminv[t]
+            rate = at.rate[t]
             for j in winners:
                 counts[j] += 1
             tail = first + 1
@@ -622,7 +637,7 @@ def present(
             # dirty neuron gated past t + 2 integrates from H[gate - 1], which it raises.
             leads_changed = bool(above_d)
             if t + 2 < steps:
-                inh = tab.hstep[t + 2] * len(winners)
+                inh = at.inhibition[t + 2] * len(winners)
                 hinc[t + 2] += inh
                 if first + 2 < stop:
                     hw[first + 2 : stop] += inh
@@ -669,7 +684,7 @@ def present(
                     if q < stop:
                         lead = _accumulate(drive[row, q:stop], out=lead_row[q:stop])
                         lead += (reset_u + hw[q - 1]) - (
-                            tab.cdneg[gate - 1] + dirty.theta[row] * tab.rth[gate - 1]
+                            at.cdneg[gate - 1] + dirty.theta[row] * at.rth[gate - 1]
                         )
                     lead_row[tail : min(q, stop)] = -np.inf
             if leads_changed and tail < stop:
@@ -685,14 +700,12 @@ def present(
             dirty.lead[:] = lead_d[:, last]
             for row, g in enumerate(dirty.gate):
                 if g > te:  # still refractory: from its reset value
-                    dirty.lead[row] = (tab.dneg[g - refrac - 1] * tab.u_reset + hw[last]) - (
-                        tab.cdneg[te] + dirty.theta[row] * tab.rth[te]
+                    dirty.lead[row] = (at.reset_u[g - refrac - 1] + hw[last]) - (
+                        at.cdneg[te] + dirty.theta[row] * at.rth[te]
                     )
         for j, anchor, rate in new_dirty:
             if anchor is not None:
-                lead = (tab.dneg[te] * tab.u_reset + hw[last]) - (
-                    tab.cdneg[te] + theta_p[j] * tab.rth[te]
-                )
+                lead = (at.reset_u[te] + hw[last]) - (at.cdneg[te] + theta_p[j] * at.rth[te])
                 dirty.add(j, anchor, rate, lead, theta_p[j], a + stop + refrac)
         h_before = float(hw[last])
         window = WINDOW if stop < rows or pos > 0 else min(2 * window, MAX_WINDOW)
