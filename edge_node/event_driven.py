@@ -507,12 +507,13 @@ def present(
     everyone = np.arange(n)
     a = 0
     window = FIRST_WINDOW
+    no_gate = steps + refrac + 1  # later than any gate
+    next_gate = no_gate  # the first gate of the pending neurons
     while a < steps:
-        if pending and min(g for g, _ in pending.values()) <= a:
+        if next_gate <= a:
             _open_gates(pending, a, off, theta_p, bounds, inputs, h_before)
-        end = min(a + window, steps) - 1
-        if pending:
-            end = min(end, min(g for g, _ in pending.values()) - 1)
+            next_gate = min((g for g, _ in pending.values()), default=no_gate)
+        end = min(a + window, next_gate, steps) - 1
         h_at_a = h_before + hinc[a]
         b0, b1 = a // BLOCK, end // BLOCK
         if not bounds.can_cross(b0, b1, h_at_a):
@@ -628,6 +629,7 @@ def present(
                     anchor = w_new + rate * dep_all[t + 1]
                 else:
                     pending[j] = (gate, reset_u)
+                    next_gate = min(next_gate, gate)
                 new_dirty.append((j, anchor, rate))
                 off[j] = -np.inf
             if above_c:
