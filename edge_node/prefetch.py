@@ -1,6 +1,6 @@
 """Drawing and preparing the inputs of the next images in a second process.
 
-The event-driven trainer spends about a fifth of each image on work that depends on the
+The event-driven trainer spends about a quarter of each image on work that depends on the
 input spikes alone: drawing them (:func:`edge_node.encoding.draw_presentation`) and the
 tables of :func:`edge_node.event_driven.prepare`. On a machine with a second core, a
 worker process (``python -m edge_node.prefetch``) does that for the next images while the
