@@ -50,9 +50,10 @@ windows.
 
 The loop
 --------
-From step ``a``, evaluate a window ``[a, e]`` (32 steps, doubling to 64 while nothing
-happens) for the dirty neurons and the candidates, as *leads*: ``lead = U + H -
-threshold``, so that a neuron integrating at step s crosses when ``lead[s] >= H[s]``. A
+From step ``a``, evaluate a window ``[a, e]`` (16 steps from step 0, 32 after an event,
+doubling to 64 while nothing happens) for the dirty neurons and the candidates, as
+*leads*: ``lead = U + H - threshold``, so that a neuron integrating at step s crosses
+when ``lead[s] >= H[s]``. A
 dirty neuron gated until step q integrates its input ``I`` from its reset value on, so
 ``lead[s] = U_reset + sum_{q..s} I + H[q - 1] - Th[s]`` for ``s >= q`` and ``-inf``
 before. Each crossing is an event, handled in time order:
