@@ -598,8 +598,9 @@ def present(
                 if cand.size and best_c[first] >= h_first
                 else []
             )
+            # a few dirty rows: a Python comparison costs less than three NumPy calls
             above_d = (
-                (lead_d[:, first] >= h_first).nonzero()[0].tolist()
+                [row for row, lead in enumerate(lead_d[:, first].tolist()) if lead >= h_first]
                 if nd and best_d[first] >= h_first
                 else []
             )
