@@ -88,6 +88,15 @@ def test_depression_stronger_than_potentiation_matches_the_reference():
     _compare(w, th, _images(6, seed=28), params, seed=29)
 
 
+@pytest.mark.parametrize("steps", [9, 37, 100])
+def test_presentation_lengths_off_the_chunk_grid_match_the_reference(steps):
+    # windows, blocks (16) and chunks (32) that do not divide the presentation; stronger
+    # input so that even 9 steps see spikes
+    params = BINDSNET.replace(time_steps=steps, intensity=400.0)
+    w, th = trainer.init_weights(10, params, np.random.default_rng(30 + steps))
+    _compare(w, th, _images(6, seed=31), params, seed=32)
+
+
 def test_without_one_spike_matches_the_reference():
     params = BINDSNET.replace(one_spike=False)
     w, th = trainer.init_weights(10, params, np.random.default_rng(11))
