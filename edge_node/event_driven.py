@@ -108,6 +108,11 @@ class StepScalars(NamedTuple):
     cdneg: list[float]  # c d^-t
     rth: list[float]  # g^(t+1) d^-t
 
+    def restart_lead(self, reset: int, t: int, h: float, theta: float) -> float:
+        """``U + H - Th`` at step ``t`` of a neuron reset at ``reset`` and gated since,
+        with ``H[t] = h`` and its ``theta'``: where its lead starts when the gate opens."""
+        return (self.reset_u[reset] + h) - (self.cdneg[t] + theta * self.rth[t])
+
 
 class Tables(NamedTuple):
     """Per-parameter-set constants of the event-driven path (see :func:`tables`)."""
@@ -552,8 +557,7 @@ def present(
         if nd:
             s_win = drive_in[a : end + 1, :k]  # d^-s S[s-1]
             lowest = dirty.anchor - np.multiply.outer(dirty.rate, dep_all[end])
-            linear = _min(lowest, axis=None) >= w_min
-            if linear:
+            if _min(lowest, axis=None) >= w_min:
                 # No weight reaches w_min in the window, so the clip is idle and the
                 # input is linear in the depression, S.anchor - rate * S.D: the drive
                 # (scaled input less the threshold's step) is one product.
@@ -574,8 +578,9 @@ def present(
                 if gate > a:
                     q = gate - a
                     if q < rows:
-                        start = at.reset_u[gate - refrac - 1] + hw[q - 1]
-                        start -= at.cdneg[gate - 1] + dirty.theta[row] * at.rth[gate - 1]
+                        start = at.restart_lead(
+                            gate - refrac - 1, gate - 1, hw[q - 1], dirty.theta[row]
+                        )
                         lead_d[row, q:] += start - lead_d[row, q - 1]
                     lead_d[row, :q] = -np.inf
             best_d = _max(lead_d, axis=0)
@@ -687,9 +692,7 @@ def present(
                     lead_row = lead_d[row]
                     if q < stop:
                         lead = _accumulate(drive[row, q:stop], out=lead_row[q:stop])
-                        lead += (reset_u + hw[q - 1]) - (
-                            at.cdneg[gate - 1] + dirty.theta[row] * at.rth[gate - 1]
-                        )
+                        lead += at.restart_lead(t, gate - 1, hw[q - 1], dirty.theta[row])
                     lead_row[tail : min(q, stop)] = -np.inf
             if leads_changed and tail < stop:
                 np.maximum.reduce(lead_d[:, tail:stop], axis=0, out=best_d[tail:stop])
@@ -704,12 +707,12 @@ def present(
             dirty.lead[:] = lead_d[:, last]
             for row, g in enumerate(dirty.gate):
                 if g > te:  # still refractory: from its reset value
-                    dirty.lead[row] = (at.reset_u[g - refrac - 1] + hw[last]) - (
-                        at.cdneg[te] + dirty.theta[row] * at.rth[te]
+                    dirty.lead[row] = at.restart_lead(
+                        g - refrac - 1, te, hw[last], dirty.theta[row]
                     )
         for j, anchor, rate in new_dirty:
             if anchor is not None:
-                lead = (at.reset_u[te] + hw[last]) - (at.cdneg[te] + theta_p[j] * at.rth[te])
+                lead = at.restart_lead(te, te, hw[last], theta_p[j])
                 dirty.add(j, anchor, rate, lead, theta_p[j], a + stop + refrac)
         h_before = float(hw[last])
         window = WINDOW if stop < rows or pos > 0 else min(2 * window, MAX_WINDOW)

@@ -80,7 +80,6 @@ class _Layout:
             "z_first": (np.float64, lambda k: (min(event_driven.CHUNK, steps), k + 3)),
         }
         self.shapes = shapes
-        self.itemsize = {name: np.dtype(dtype).itemsize for name, (dtype, _) in shapes.items()}
         self.offsets: dict[str, int] = {}
         size = 0
         for name, (dtype, shape) in shapes.items():
@@ -96,7 +95,7 @@ class _Layout:
         for name, (dtype, shape) in self.shapes.items():
             start = base + self.offsets[name]
             dims = shape(k)
-            size = math.prod(dims) * self.itemsize[name]  # np.prod: ~10 us on a tuple
+            size = math.prod(dims) * np.dtype(dtype).itemsize  # np.prod: ~10 us on a tuple
             views[name] = mapped[start : start + size].view(dtype).reshape(dims)
         return views
 
@@ -193,6 +192,7 @@ class Prefetcher:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buf: mmap.mmap | None = None
         self._mapped: np.ndarray | None = None
+        self._stdin = -1  # the worker's stdin, written unbuffered once started
         # (slot, k) -> the item's views, cut once: ~20 us an image otherwise
         self._items: dict[tuple[int, int], tuple[Presentation, event_driven.Prepared]] = {}
 
